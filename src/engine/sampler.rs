@@ -1,0 +1,304 @@
+//! Turning one row of fp32 logits into a sampled token and its log-probs.
+//!
+//! The `processed` distribution is built in this order (vLLM's): divide by the
+//! temperature, drop tokens below `min_p` times the best probability, keep the
+//! `top_k` best, keep the smallest prefix reaching `top_p`, renormalize. The
+//! same code scores given tokens, so teacher-forced log-probs match the ones
+//! reported while sampling.
+
+use super::params::{DistributionParams, LogprobsMode};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Ordering;
+
+/// A sampled token with what the caller asked to know about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub token: u32,
+    /// Natural-log probability under the requested mode.
+    pub logprob: f32,
+    /// Best alternatives under the same mode, best first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// `log(sum(exp(x)))` over the given indices, stable.
+fn log_sum_exp(values: impl Iterator<Item = f32> + Clone) -> f32 {
+    let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f64 = values.map(|v| ((v - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// Descending by value, then ascending by index: a total order, so ties and
+/// partial sorts give the same answer every run.
+fn by_value_desc(values: &[f32]) -> impl Fn(&u32, &u32) -> Ordering + '_ {
+    move |a, b| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    }
+}
+
+/// The indices of the `n` largest values, best first.
+fn top_indices(values: &[f32], candidates: &[u32], n: usize) -> Vec<u32> {
+    let mut idx = candidates.to_vec();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let cmp = by_value_desc(values);
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, &cmp);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(&cmp);
+    idx
+}
+
+/// The processed distribution over one row: which tokens survive the filters,
+/// their scaled logits, and the normalizer.
+struct Processed {
+    /// Logits divided by the temperature (banned tokens at -inf).
+    scaled: Vec<f32>,
+    /// Surviving tokens; sorted best first when `sorted`.
+    kept: Vec<u32>,
+    sorted: bool,
+    log_z: f32,
+}
+
+/// How many top tokens to sort before falling back to a full sort for top-p;
+/// the nucleus almost always lies within them.
+const TOP_P_PREFIX: usize = 1024;
+
+impl Processed {
+    fn new(logits: &[f32], p: &DistributionParams, banned: &[u32]) -> Self {
+        let t = p.temperature;
+        let mut scaled: Vec<f32> = logits.iter().map(|&l| l / t).collect();
+        for &b in banned {
+            if let Some(v) = scaled.get_mut(b as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let floor = if p.min_p > 0.0 {
+            max + p.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        let mut kept: Vec<u32> = (0..scaled.len() as u32)
+            .filter(|&i| {
+                let v = scaled[i as usize];
+                v > f32::NEG_INFINITY && v >= floor
+            })
+            .collect();
+        let mut sorted = false;
+        if let Some(k) = p.top_k {
+            if k < kept.len() {
+                kept = top_indices(&scaled, &kept, k);
+                sorted = true;
+            }
+        }
+        if p.top_p < 1.0 {
+            let log_z = log_sum_exp(kept.iter().map(|&i| scaled[i as usize]));
+            let mut prefix = top_indices(&scaled, &kept, TOP_P_PREFIX.min(kept.len()));
+            if nucleus_len(&scaled, &prefix, log_z, p.top_p).is_none() {
+                prefix = top_indices(&scaled, &kept, kept.len());
+            }
+            let len = nucleus_len(&scaled, &prefix, log_z, p.top_p).unwrap_or(prefix.len());
+            prefix.truncate(len);
+            kept = prefix;
+            sorted = true;
+        }
+        let log_z = log_sum_exp(kept.iter().map(|&i| scaled[i as usize]));
+        Self {
+            scaled,
+            kept,
+            sorted,
+            log_z,
+        }
+    }
+
+    fn logprob(&self, token: u32) -> f32 {
+        if self.kept.contains(&token) {
+            self.scaled[token as usize] - self.log_z
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+
+    fn sample(&self, rng: &mut ChaCha8Rng) -> u32 {
+        let u: f64 = rng.random::<f64>();
+        let mut acc = 0.0f64;
+        for &i in &self.kept {
+            acc += ((self.scaled[i as usize] - self.log_z) as f64).exp();
+            if u < acc {
+                return i;
+            }
+        }
+        // Rounding left the total a hair under 1: the last kept token absorbs it.
+        // (`kept` is empty only for all-NaN logits; token 0 then, not a panic.)
+        self.kept.last().copied().unwrap_or(0)
+    }
+
+    fn top(&self, n: usize) -> Vec<(u32, f32)> {
+        let best: Vec<u32> = if self.sorted {
+            self.kept.iter().take(n).copied().collect()
+        } else {
+            top_indices(&self.scaled, &self.kept, n)
+        };
+        best.into_iter()
+            .map(|i| (i, self.scaled[i as usize] - self.log_z))
+            .collect()
+    }
+}
+
+/// Length of the shortest prefix of `sorted` whose probability mass reaches
+/// `top_p`, or `None` if the whole prefix does not reach it.
+fn nucleus_len(scaled: &[f32], sorted: &[u32], log_z: f32, top_p: f32) -> Option<usize> {
+    let mut acc = 0.0f64;
+    for (n, &i) in sorted.iter().enumerate() {
+        acc += ((scaled[i as usize] - log_z) as f64).exp();
+        if acc >= top_p as f64 {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// `log_softmax` of the raw logits, for `raw` mode and greedy decoding.
+struct Raw<'a> {
+    logits: &'a [f32],
+    log_z: f32,
+}
+
+impl<'a> Raw<'a> {
+    fn new(logits: &'a [f32]) -> Self {
+        Self {
+            logits,
+            log_z: log_sum_exp(logits.iter().copied()),
+        }
+    }
+    fn logprob(&self, token: u32) -> f32 {
+        self.logits[token as usize] - self.log_z
+    }
+    fn top(&self, n: usize) -> Vec<(u32, f32)> {
+        let all: Vec<u32> = (0..self.logits.len() as u32).collect();
+        top_indices(self.logits, &all, n)
+            .into_iter()
+            .map(|i| (i, self.logprob(i)))
+            .collect()
+    }
+}
+
+/// Samples one token from `logits` (fp32, one row). `banned` tokens (EOS before
+/// `min_tokens`) cannot be drawn. Greedy picks the best allowed raw logit and
+/// reports raw log-probs in both modes.
+pub fn sample(
+    logits: &[f32],
+    params: &DistributionParams,
+    mode: LogprobsMode,
+    banned: &[u32],
+    top_logprobs: usize,
+    rng: &mut ChaCha8Rng,
+) -> SampledToken {
+    let raw = Raw::new(logits);
+    if params.is_greedy() {
+        let allowed: Vec<u32> = (0..logits.len() as u32)
+            .filter(|i| !banned.contains(i))
+            .collect();
+        let token = top_indices(logits, &allowed, 1)
+            .first()
+            .copied()
+            .unwrap_or(0);
+        return SampledToken {
+            token,
+            logprob: raw.logprob(token),
+            top_logprobs: raw.top(top_logprobs),
+        };
+    }
+    let processed = Processed::new(logits, params, banned);
+    let token = processed.sample(rng);
+    match mode {
+        LogprobsMode::Processed => SampledToken {
+            token,
+            logprob: processed.logprob(token),
+            top_logprobs: processed.top(top_logprobs),
+        },
+        LogprobsMode::Raw => SampledToken {
+            token,
+            logprob: raw.logprob(token),
+            top_logprobs: raw.top(top_logprobs),
+        },
+    }
+}
+
+/// Log-prob of a given `token` under the mode's distribution for this row, as
+/// [`sample`] would have reported it (-inf if filtered out).
+pub fn score(logits: &[f32], params: &DistributionParams, mode: LogprobsMode, token: u32) -> f32 {
+    if params.is_greedy() || mode == LogprobsMode::Raw {
+        return Raw::new(logits).logprob(token);
+    }
+    Processed::new(logits, params, &[]).logprob(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn params(t: f32, top_p: f32, top_k: Option<usize>, min_p: f32) -> DistributionParams {
+        DistributionParams {
+            temperature: t,
+            top_p,
+            top_k,
+            min_p,
+        }
+    }
+
+    #[test]
+    fn processed_is_normalized_over_kept_tokens() {
+        let logits = [2.0, 1.0, 0.5, -1.0, 0.0];
+        let p = params(0.7, 0.8, None, 0.0);
+        let d = Processed::new(&logits, &p, &[]);
+        let total: f32 = d.kept.iter().map(|&i| d.logprob(i).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(d.kept.len() < logits.len());
+    }
+
+    #[test]
+    fn top_k_and_min_p_filter() {
+        let logits = [3.0, 2.0, 1.0, 0.0];
+        let d = Processed::new(&logits, &params(1.0, 1.0, Some(2), 0.0), &[]);
+        assert_eq!(d.kept, vec![0, 1]);
+        // min_p 0.3: exp(-1)=0.37 survives, exp(-2)=0.14 does not.
+        let d = Processed::new(&logits, &params(1.0, 1.0, None, 0.3), &[]);
+        assert_eq!(d.kept, vec![0, 1]);
+    }
+
+    #[test]
+    fn banned_tokens_are_never_sampled() {
+        let logits = [10.0, 0.0, 0.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..50 {
+            let s = sample(&logits, &params(1.0, 1.0, None, 0.0), LogprobsMode::Processed, &[0], 0, &mut rng);
+            assert_ne!(s.token, 0);
+            assert!(s.logprob.is_finite());
+        }
+        let g = sample(&logits, &params(0.0, 1.0, None, 0.0), LogprobsMode::Processed, &[0], 0, &mut rng);
+        assert_eq!(g.token, 1);
+    }
+
+    #[test]
+    fn score_matches_sample() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = params(0.9, 0.9, Some(20), 0.05);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
+            let s = sample(&logits, &p, mode, &[], 3, &mut rng);
+            assert_eq!(s.logprob, score(&logits, &p, mode, s.token));
+            assert_eq!(s.top_logprobs.len(), 3);
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The decoder shared by Llama, Mistral, Qwen2 and Qwen3, written once against
+//! candle tensors so it runs on CPU, CUDA and Metal.
+//!
+//! A forward step takes a packed batch of [`Segment`]s: each is some new tokens
+//! of one sequence plus that sequence's [`KvCache`]. Prefill chunks and decode
+//! tokens of different sequences run in the same step without padding.
+
+pub mod attention;
+pub mod kv_cache;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+use crate::config::ModelConfig;
+use crate::weights::{ParamStore, WeightsError};
+use attention::{Attention, SegmentView};
+use candle_core::{DType, Device, Result, Tensor};
+pub use kv_cache::KvCache;
+use linear::Linear;
+use mlp::Mlp;
+use norm::RmsNorm;
+use rope::RotaryEmbedding;
+
+/// Which positions of a segment need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// None (a prefill chunk that does not end the prompt).
+    Nothing,
+    /// The last new token (generation).
+    Last,
+    /// New tokens `from..to` (teacher-forced scoring).
+    Range { from: usize, to: usize },
+}
+
+/// New tokens of one sequence for this step.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: LogitsFor,
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attention: Attention,
+    post_attention_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    device: Device,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl Model {
+    /// Builds the model from a validated parameter store (tensors are shared, not copied).
+    pub fn new(config: &ModelConfig, store: &ParamStore, device: &Device) -> std::result::Result<Self, ModelError> {
+        let get = |name: &str| store.get(name).cloned();
+        let bias = |name: String, present: bool| -> std::result::Result<Option<Tensor>, WeightsError> {
+            if present {
+                get(&name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let proj = |name: &str, has_bias: bool| -> std::result::Result<Linear, WeightsError> {
+                Ok(Linear::new(
+                    get(&format!("{p}.{name}.weight"))?,
+                    bias(format!("{p}.{name}.bias"), has_bias)?,
+                ))
+            };
+            let qk_norm = if config.qk_norm {
+                Some((
+                    RmsNorm::new(get(&format!("{p}.self_attn.q_norm.weight"))?, config.rms_norm_eps),
+                    RmsNorm::new(get(&format!("{p}.self_attn.k_norm.weight"))?, config.rms_norm_eps),
+                ))
+            } else {
+                None
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::new(get(&format!("{p}.input_layernorm.weight"))?, config.rms_norm_eps),
+                attention: Attention {
+                    q_proj: proj("self_attn.q_proj", config.qkv_bias)?,
+                    k_proj: proj("self_attn.k_proj", config.qkv_bias)?,
+                    v_proj: proj("self_attn.v_proj", config.qkv_bias)?,
+                    o_proj: proj("self_attn.o_proj", config.o_bias)?,
+                    qk_norm,
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: config.head_dim,
+                },
+                post_attention_norm: RmsNorm::new(
+                    get(&format!("{p}.post_attention_layernorm.weight"))?,
+                    config.rms_norm_eps,
+                ),
+                mlp: Mlp {
+                    gate: proj("mlp.gate_proj", false)?,
+                    up: proj("mlp.up_proj", false)?,
+                    down: proj("mlp.down_proj", false)?,
+                },
+            });
+        }
+        let embed_tokens = get("model.embed_tokens.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            Linear::new(get("lm_head.weight")?, None)
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(get("model.norm.weight")?, config.rms_norm_eps),
+            lm_head,
+            rope: RotaryEmbedding::new(config, store.dtype(), device)?,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Longest sequence the position tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Runs one step over `segments`, appending their tokens to their caches, and
+    /// returns fp32 logits `[rows, vocab]`: the rows each segment asked for, in
+    /// segment order.
+    pub fn forward(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut rows = Vec::new();
+        for seg in segments.iter() {
+            let start = ids.len() as u32;
+            let offset = seg.cache.len();
+            if offset + seg.tokens.len() > self.max_positions() {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds the {} positions the model supports",
+                    offset + seg.tokens.len(),
+                    self.max_positions()
+                );
+            }
+            ids.extend_from_slice(seg.tokens);
+            positions.extend((0..seg.tokens.len()).map(|i| (offset + i) as u32));
+            match seg.logits {
+                LogitsFor::Nothing => {}
+                LogitsFor::Last => rows.push(start + seg.tokens.len() as u32 - 1),
+                LogitsFor::Range { from, to } => rows.extend((from..to).map(|i| start + i as u32)),
+            }
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let positions = Tensor::from_vec(positions, n, &self.device)?;
+        let mut views: Vec<SegmentView<'_>> = Vec::with_capacity(segments.len());
+        let mut start = 0;
+        for seg in segments.iter_mut() {
+            let len = seg.tokens.len();
+            views.push(SegmentView {
+                start,
+                len,
+                cache: &mut *seg.cache,
+            });
+            start += len;
+        }
+
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let h = layer.attention.forward(&h, &positions, &self.rope, i, &mut views)?;
+            x = (x + h)?;
+            let h = layer.post_attention_norm.forward(&x)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        let rows_len = rows.len();
+        if rows_len == 0 {
+            return Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
+        }
+        let rows = Tensor::from_vec(rows, rows_len, &self.device)?;
+        let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    /// Logits for every position of `tokens` from a fresh cache (no reuse):
+    /// row i predicts token i+1. Used by scoring and tests.
+    pub fn full_logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        self.forward(&mut [Segment {
+            tokens,
+            cache: &mut cache,
+            logits: LogitsFor::Range {
+                from: 0,
+                to: tokens.len(),
+            },
+        }])
+    }
+}
