@@ -1,6 +1,10 @@
 //! gym-serve: an inference engine and server for reinforcement-learning rollouts.
 
+pub mod chat;
+pub mod cli;
 pub mod config;
+pub mod engine;
+pub mod fixtures;
+pub mod loader;
 pub mod model;
 pub mod weights;
-pub mod engine;

@@ -69,7 +69,11 @@ impl EngineCore {
         if self.running.is_empty() {
             return;
         }
-        let pending: Vec<Vec<u32>> = self.running.iter().map(|s| s.pending_tokens().to_vec()).collect();
+        let pending: Vec<Vec<u32>> = self
+            .running
+            .iter()
+            .map(|s| s.pending_tokens().to_vec())
+            .collect();
         let mut segments: Vec<Segment<'_>> = self
             .running
             .iter_mut()

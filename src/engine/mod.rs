@@ -11,8 +11,8 @@ pub mod sampler;
 pub mod sequence;
 
 use self::core::{EngineCore, GenerationJob, ScoreJob};
-pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 use crate::model::Model;
+pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -58,7 +58,11 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Starts the engine thread. `max_model_len` is clamped to what the model's
     /// position tables cover.
-    pub fn spawn(model: Model, eos_token_ids: Vec<u32>, max_model_len: Option<usize>) -> std::io::Result<Self> {
+    pub fn spawn(
+        model: Model,
+        eos_token_ids: Vec<u32>,
+        max_model_len: Option<usize>,
+    ) -> std::io::Result<Self> {
         let max_positions = model.max_positions();
         let limits = Arc::new(EngineLimits {
             vocab_size: model.config().vocab_size,
@@ -83,7 +87,10 @@ impl EngineHandle {
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.limits.vocab_size) {
+        if let Some(&token) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.limits.vocab_size)
+        {
             return Err(EngineError::TokenOutOfVocab {
                 token,
                 vocab_size: self.limits.vocab_size,
@@ -93,7 +100,11 @@ impl EngineHandle {
     }
 
     /// Queues a generation; events for all `n` choices arrive on the stream.
-    pub fn generate(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<GenerationStream, EngineError> {
+    pub fn generate(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<GenerationStream, EngineError> {
         params.validate()?;
         self.check_tokens(&prompt)?;
         let max = self.limits.max_model_len;
@@ -186,7 +197,9 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
     let apply = |core: &mut EngineCore, cmd: Command| match cmd {
         Command::Generate(job) => core.add(job),
         Command::Score(job, reply) => {
-            let result = core.score(&job).map_err(|e| EngineError::Failed(e.to_string()));
+            let result = core
+                .score(&job)
+                .map_err(|e| EngineError::Failed(e.to_string()));
             let _ = reply.send(result);
         }
     };
@@ -234,7 +247,10 @@ impl GenerationStream {
         self.receiver.blocking_recv()
     }
 
-    fn fold(n: usize, mut next: impl FnMut() -> Option<EngineEvent>) -> Result<Vec<ChoiceOutput>, EngineError> {
+    fn fold(
+        n: usize,
+        mut next: impl FnMut() -> Option<EngineEvent>,
+    ) -> Result<Vec<ChoiceOutput>, EngineError> {
         let mut out = vec![ChoiceOutput::default(); n];
         let mut unfinished = n;
         while unfinished > 0 {
@@ -267,7 +283,9 @@ impl GenerationStream {
         let mut events = Vec::new();
         let mut finished = 0;
         while finished < self.n {
-            let Some(event) = self.receiver.recv().await else { break };
+            let Some(event) = self.receiver.recv().await else {
+                break;
+            };
             match &event {
                 EngineEvent::Token(t) if t.finish.is_some() => finished += 1,
                 EngineEvent::Failed(_) => finished = self.n,

@@ -20,7 +20,9 @@ impl std::str::FromStr for LogprobsMode {
         match s {
             "processed" => Ok(Self::Processed),
             "raw" => Ok(Self::Raw),
-            other => Err(format!("unknown logprobs mode {other:?} (expected processed or raw)")),
+            other => Err(format!(
+                "unknown logprobs mode {other:?} (expected processed or raw)"
+            )),
         }
     }
 }
@@ -58,13 +60,19 @@ impl DistributionParams {
 
     pub fn validate(&self) -> Result<(), ParamError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(ParamError::new("temperature", "must be a finite number >= 0"));
+            return Err(ParamError::new(
+                "temperature",
+                "must be a finite number >= 0",
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ParamError::new("top_p", "must be in (0, 1]"));
         }
         if self.top_k == Some(0) {
-            return Err(ParamError::new("top_k", "must be >= 1, or -1 / absent to disable"));
+            return Err(ParamError::new(
+                "top_k",
+                "must be >= 1, or -1 / absent to disable",
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(ParamError::new("min_p", "must be in [0, 1]"));

@@ -282,11 +282,25 @@ mod tests {
         let logits = [10.0, 0.0, 0.0];
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for _ in 0..50 {
-            let s = sample(&logits, &params(1.0, 1.0, None, 0.0), LogprobsMode::Processed, &[0], 0, &mut rng);
+            let s = sample(
+                &logits,
+                &params(1.0, 1.0, None, 0.0),
+                LogprobsMode::Processed,
+                &[0],
+                0,
+                &mut rng,
+            );
             assert_ne!(s.token, 0);
             assert!(s.logprob.is_finite());
         }
-        let g = sample(&logits, &params(0.0, 1.0, None, 0.0), LogprobsMode::Processed, &[0], 0, &mut rng);
+        let g = sample(
+            &logits,
+            &params(0.0, 1.0, None, 0.0),
+            LogprobsMode::Processed,
+            &[0],
+            0,
+            &mut rng,
+        );
         assert_eq!(g.token, 1);
     }
 

@@ -73,7 +73,10 @@ impl Attention {
         let group = nh / nkv;
         let total = keys.dims()[0];
         // Query heads h*group..(h+1)*group share kv head h: fold them into rows.
-        let q = q.transpose(0, 1)?.contiguous()?.reshape((nkv, group * n, hd))?;
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((nkv, group * n, hd))?;
         let k = keys.transpose(0, 1)?.contiguous()?;
         let v = values.transpose(0, 1)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -97,9 +100,22 @@ impl Attention {
 }
 
 /// `[n, total]` additive mask: query i (position offset+i) sees keys 0..=offset+i.
-fn causal_mask(n: usize, offset: usize, total: usize, device: &candle_core::Device) -> Result<Tensor> {
+fn causal_mask(
+    n: usize,
+    offset: usize,
+    total: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (n, total), device)
 }

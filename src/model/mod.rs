@@ -69,15 +69,20 @@ pub enum ModelError {
 
 impl Model {
     /// Builds the model from a validated parameter store (tensors are shared, not copied).
-    pub fn new(config: &ModelConfig, store: &ParamStore, device: &Device) -> std::result::Result<Self, ModelError> {
+    pub fn new(
+        config: &ModelConfig,
+        store: &ParamStore,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
         let get = |name: &str| store.get(name).cloned();
-        let bias = |name: String, present: bool| -> std::result::Result<Option<Tensor>, WeightsError> {
-            if present {
-                get(&name).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
+        let bias =
+            |name: String, present: bool| -> std::result::Result<Option<Tensor>, WeightsError> {
+                if present {
+                    get(&name).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -89,14 +94,23 @@ impl Model {
             };
             let qk_norm = if config.qk_norm {
                 Some((
-                    RmsNorm::new(get(&format!("{p}.self_attn.q_norm.weight"))?, config.rms_norm_eps),
-                    RmsNorm::new(get(&format!("{p}.self_attn.k_norm.weight"))?, config.rms_norm_eps),
+                    RmsNorm::new(
+                        get(&format!("{p}.self_attn.q_norm.weight"))?,
+                        config.rms_norm_eps,
+                    ),
+                    RmsNorm::new(
+                        get(&format!("{p}.self_attn.k_norm.weight"))?,
+                        config.rms_norm_eps,
+                    ),
                 ))
             } else {
                 None
             };
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::new(get(&format!("{p}.input_layernorm.weight"))?, config.rms_norm_eps),
+                input_norm: RmsNorm::new(
+                    get(&format!("{p}.input_layernorm.weight"))?,
+                    config.rms_norm_eps,
+                ),
                 attention: Attention {
                     q_proj: proj("self_attn.q_proj", config.qkv_bias)?,
                     k_proj: proj("self_attn.k_proj", config.qkv_bias)?,
@@ -196,7 +210,9 @@ impl Model {
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let h = layer.attention.forward(&h, &positions, &self.rope, i, &mut views)?;
+            let h = layer
+                .attention
+                .forward(&h, &positions, &self.rope, i, &mut views)?;
             x = (x + h)?;
             let h = layer.post_attention_norm.forward(&x)?;
             x = (&x + layer.mlp.forward(&h)?)?;

@@ -15,7 +15,11 @@ pub struct RotaryEmbedding {
 }
 
 /// Inverse frequencies `1 / theta^(2i/d)`, adjusted by Llama-3 scaling when set.
-fn inverse_frequencies(head_dim: usize, theta: f64, scaling: Option<&Llama3RopeScaling>) -> Vec<f32> {
+fn inverse_frequencies(
+    head_dim: usize,
+    theta: f64,
+    scaling: Option<&Llama3RopeScaling>,
+) -> Vec<f32> {
     let base: Vec<f32> = (0..head_dim / 2)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();

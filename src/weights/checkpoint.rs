@@ -36,7 +36,10 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
 }
 
 /// Reads every tensor of the checkpoint in `dir`, in the dtype it was stored in.
-pub fn read_checkpoint(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, WeightsError> {
+pub fn read_checkpoint(
+    dir: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
     let mut all = HashMap::new();
     for file in checkpoint_files(dir)? {
         let tensors = candle_core::safetensors::load(&file, device)
@@ -80,6 +83,7 @@ pub fn write_checkpoint(
         "weight_map": weight_map,
     });
     let path = dir.join(INDEX_FILE);
-    let text = serde_json::to_string_pretty(&index).map_err(|e| WeightsError::Format(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&index).map_err(|e| WeightsError::Format(e.to_string()))?;
     std::fs::write(&path, text).map_err(|e| WeightsError::io(&path, e))
 }

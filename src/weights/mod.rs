@@ -20,7 +20,9 @@ pub enum WeightsError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("tensor {name} has dtype {dtype}, which cannot be converted to a floating-point run dtype")]
+    #[error(
+        "tensor {name} has dtype {dtype}, which cannot be converted to a floating-point run dtype"
+    )]
     UnsupportedDtype { name: String, dtype: String },
     #[error("cannot read {path}: {message}")]
     Io { path: String, message: String },

@@ -46,20 +46,40 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         let p = format!("model.layers.{i}");
         out.push(spec(format!("{p}.input_layernorm.weight"), &[h], NormScale));
         for (proj, rows) in [("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)] {
-            out.push(spec(format!("{p}.self_attn.{proj}.weight"), &[rows, h], Matrix));
+            out.push(spec(
+                format!("{p}.self_attn.{proj}.weight"),
+                &[rows, h],
+                Matrix,
+            ));
             if cfg.qkv_bias {
                 out.push(spec(format!("{p}.self_attn.{proj}.bias"), &[rows], Bias));
             }
         }
-        out.push(spec(format!("{p}.self_attn.o_proj.weight"), &[h, q_dim], Matrix));
+        out.push(spec(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[h, q_dim],
+            Matrix,
+        ));
         if cfg.o_bias {
             out.push(spec(format!("{p}.self_attn.o_proj.bias"), &[h], Bias));
         }
         if cfg.qk_norm {
-            out.push(spec(format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim], NormScale));
-            out.push(spec(format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim], NormScale));
+            out.push(spec(
+                format!("{p}.self_attn.q_norm.weight"),
+                &[cfg.head_dim],
+                NormScale,
+            ));
+            out.push(spec(
+                format!("{p}.self_attn.k_norm.weight"),
+                &[cfg.head_dim],
+                NormScale,
+            ));
         }
-        out.push(spec(format!("{p}.post_attention_layernorm.weight"), &[h], NormScale));
+        out.push(spec(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            NormScale,
+        ));
         let m = cfg.intermediate_size;
         out.push(spec(format!("{p}.mlp.gate_proj.weight"), &[m, h], Matrix));
         out.push(spec(format!("{p}.mlp.up_proj.weight"), &[m, h], Matrix));

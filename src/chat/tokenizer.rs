@@ -1,0 +1,100 @@
+//! The checkpoint's tokenizer (`tokenizer.json`) and its end-of-sequence IDs.
+
+use super::ChatError;
+use crate::config::TokenIdOrList;
+use serde::Deserialize;
+use std::path::Path;
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, ChatError> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ChatError::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
+        Self { inner }
+    }
+
+    /// Token IDs of `text`. Chat prompts are encoded without added special
+    /// tokens (the template already wrote them), as transformers does.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ChatError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ChatError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Number of tokens, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum SpecialToken {
+    Text(String),
+    Object { content: String },
+}
+
+impl SpecialToken {
+    pub fn content(&self) -> &str {
+        match self {
+            SpecialToken::Text(s) => s,
+            SpecialToken::Object { content } => content,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct GenerationConfig {
+    #[serde(default)]
+    eos_token_id: TokenIdOrList,
+}
+
+/// EOS IDs in priority order, without duplicates: `generation_config.json`,
+/// then `config.json`, then the tokenizer's `eos_token`.
+pub fn eos_token_ids(
+    dir: &Path,
+    config_eos: &[u32],
+    tokenizer: &TextTokenizer,
+    eos_token: Option<&str>,
+) -> Result<Vec<u32>, ChatError> {
+    let mut ids = Vec::new();
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.exists() {
+        let text = std::fs::read_to_string(&gen_path)
+            .map_err(|e| ChatError::Config(format!("{}: {e}", gen_path.display())))?;
+        let gen: GenerationConfig = serde_json::from_str(&text)
+            .map_err(|e| ChatError::Config(format!("{}: {e}", gen_path.display())))?;
+        ids.extend(gen.eos_token_id.to_vec());
+    }
+    ids.extend_from_slice(config_eos);
+    if let Some(id) = eos_token.and_then(|t| tokenizer.token_to_id(t)) {
+        ids.push(id);
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    Ok(ids)
+}

@@ -1,0 +1,132 @@
+//! Command-line interface. Every flag can also be set as a `GYM_SERVE_*`
+//! environment variable.
+
+use crate::config::Architecture;
+use crate::engine::LogprobsMode;
+use crate::fixtures::Preset;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gym-serve",
+    version,
+    about = "Inference engine for RL rollouts: exact token IDs, log-probs, hot weight reloads"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ArchArg {
+    Qwen3,
+    Qwen2,
+    Llama,
+}
+
+impl From<ArchArg> for Architecture {
+    fn from(a: ArchArg) -> Self {
+        match a {
+            ArchArg::Qwen3 => Architecture::Qwen3,
+            ArchArg::Qwen2 => Architecture::Qwen2,
+            ArchArg::Llama => Architecture::Llama,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a seeded Hugging Face checkpoint (weights, tokenizer, chat template).
+    MakeModel(MakeModelArgs),
+    /// Generate from a prompt and print the text, token IDs and log-probs.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MakeModelArgs {
+    /// Directory to write the checkpoint into.
+    #[arg(long, env = "GYM_SERVE_OUT")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "qwen3", env = "GYM_SERVE_ARCH")]
+    pub arch: ArchArg,
+    #[arg(long, value_enum, default_value = "tiny", env = "GYM_SERVE_PRESET")]
+    pub preset: Preset,
+    #[arg(long, env = "GYM_SERVE_LAYERS")]
+    pub layers: Option<usize>,
+    #[arg(long, env = "GYM_SERVE_HIDDEN")]
+    pub hidden: Option<usize>,
+    #[arg(long, env = "GYM_SERVE_HEADS")]
+    pub heads: Option<usize>,
+    #[arg(long, env = "GYM_SERVE_KV_HEADS")]
+    pub kv_heads: Option<usize>,
+    #[arg(long, env = "GYM_SERVE_HEAD_DIM")]
+    pub head_dim: Option<usize>,
+    #[arg(long, env = "GYM_SERVE_INTERMEDIATE")]
+    pub intermediate: Option<usize>,
+    /// Rows of the embedding (the tokenizer itself has at most 2048 tokens).
+    #[arg(long, env = "GYM_SERVE_VOCAB")]
+    pub vocab: Option<usize>,
+    #[arg(long, env = "GYM_SERVE_TIE_WORD_EMBEDDINGS")]
+    pub tie_word_embeddings: Option<bool>,
+    #[arg(long, default_value_t = 0, env = "GYM_SERVE_SEED")]
+    pub seed: u64,
+    /// Dtype the weights are stored in.
+    #[arg(long, value_enum, default_value = "f32", env = "GYM_SERVE_DTYPE")]
+    pub dtype: DTypeArg,
+    /// Number of safetensors shards (more than 1 writes an index file).
+    #[arg(long, default_value_t = 1, env = "GYM_SERVE_SHARDS")]
+    pub shards: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Hugging Face checkpoint directory.
+    #[arg(long, env = "GYM_SERVE_MODEL")]
+    pub model: PathBuf,
+    /// Prompt text (encoded as is unless --chat).
+    #[arg(long, env = "GYM_SERVE_PROMPT", required_unless_present = "messages")]
+    pub prompt: Option<String>,
+    /// Wrap the prompt as a user message with the chat template.
+    #[arg(long, env = "GYM_SERVE_CHAT")]
+    pub chat: bool,
+    /// A JSON file with an OpenAI `messages` list, rendered with the chat template.
+    #[arg(long, env = "GYM_SERVE_MESSAGES", conflicts_with = "prompt")]
+    pub messages: Option<PathBuf>,
+    /// A JSON file with an OpenAI `tools` list (with --messages).
+    #[arg(long, env = "GYM_SERVE_TOOLS", requires = "messages")]
+    pub tools: Option<PathBuf>,
+    /// Chat template switch for `<think>` reasoning (with --chat).
+    #[arg(long, env = "GYM_SERVE_ENABLE_THINKING")]
+    pub enable_thinking: Option<bool>,
+    #[arg(long, default_value_t = 32, env = "GYM_SERVE_MAX_TOKENS")]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 1.0, env = "GYM_SERVE_TEMPERATURE")]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0, env = "GYM_SERVE_TOP_P")]
+    pub top_p: f32,
+    /// -1 disables.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true, env = "GYM_SERVE_TOP_K")]
+    pub top_k: i64,
+    #[arg(long, default_value_t = 0.0, env = "GYM_SERVE_MIN_P")]
+    pub min_p: f32,
+    #[arg(long, env = "GYM_SERVE_SEED")]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 1, env = "GYM_SERVE_N")]
+    pub n: usize,
+    #[arg(long, default_value = "processed", env = "GYM_SERVE_LOGPROBS_MODE")]
+    pub logprobs_mode: LogprobsMode,
+    /// Print one JSON object instead of text.
+    #[arg(long, env = "GYM_SERVE_JSON")]
+    pub json: bool,
+    /// Run on the GPU (needs the cuda or metal feature).
+    #[arg(long, env = "GYM_SERVE_GPU")]
+    pub gpu: bool,
+}

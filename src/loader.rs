@@ -1,0 +1,75 @@
+//! Loading a checkpoint directory into everything the engine and the text side
+//! need: config, parameter store, model, tokenizer and chat template.
+
+use crate::chat::{ChatError, ChatProcessor};
+use crate::config::{ConfigError, ModelConfig};
+use crate::model::{Model, ModelError};
+use crate::weights::checkpoint::read_checkpoint;
+use crate::weights::{ParamStore, WeightsError};
+use candle_core::{DType, Device};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error("device: {0}")]
+    Device(String),
+}
+
+/// The run dtype for a device: f32 on CPU (candle has no fast bf16 matmul
+/// there), bf16 on GPUs (logits and log-probs stay f32 either way).
+pub fn run_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// The device to run on: the first GPU when `gpu` is set and a GPU feature is
+/// compiled in, else the CPU.
+pub fn select_device(gpu: bool) -> Result<Device, LoadError> {
+    if !gpu {
+        return Ok(Device::Cpu);
+    }
+    if candle_core::utils::cuda_is_available() {
+        return Device::new_cuda(0).map_err(|e| LoadError::Device(e.to_string()));
+    }
+    if candle_core::utils::metal_is_available() {
+        return Device::new_metal(0).map_err(|e| LoadError::Device(e.to_string()));
+    }
+    Err(LoadError::Device(
+        "no GPU support compiled in (build with --features cuda or --features metal)".into(),
+    ))
+}
+
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub store: ParamStore,
+    pub model: Model,
+    pub chat: ChatProcessor,
+}
+
+impl LoadedModel {
+    /// Loads the weights (converted to `dtype`) of the checkpoint in `dir`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tensors = read_checkpoint(dir, device)?;
+        let store = ParamStore::from_tensors(&config, tensors, dtype, device)?;
+        let model = Model::new(&config, &store, device)?;
+        let chat = ChatProcessor::load(dir, &config)?;
+        Ok(Self {
+            config,
+            store,
+            model,
+            chat,
+        })
+    }
+}
