@@ -1,0 +1,55 @@
+//! Shared fixtures: tiny checkpoints written by `make-model` into temp dirs.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device};
+use gym_serve::config::Architecture;
+use gym_serve::fixtures::{make_model, MakeModelOptions, Preset};
+use gym_serve::loader::LoadedModel;
+use std::path::Path;
+use tempfile::TempDir;
+
+pub fn tiny_options(arch: Architecture, seed: u64) -> MakeModelOptions {
+    MakeModelOptions {
+        shape: Preset::Tiny.shape(arch),
+        seed,
+        dtype: DType::F32,
+        shards: 1,
+    }
+}
+
+/// Writes a checkpoint with `opts` into a fresh temp dir.
+pub fn write_model(opts: &MakeModelOptions) -> TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_model(dir.path(), opts).expect("make-model");
+    dir
+}
+
+pub fn load(dir: &Path) -> LoadedModel {
+    LoadedModel::load(dir, &Device::Cpu, DType::F32).expect("load model")
+}
+
+/// A tiny Qwen3 checkpoint, loaded.
+pub fn tiny_qwen3(seed: u64) -> (TempDir, LoadedModel) {
+    let dir = write_model(&tiny_options(Architecture::Qwen3, seed));
+    let loaded = load(dir.path());
+    (dir, loaded)
+}
+
+/// Chat prompts of different lengths, encoded with the model's own template.
+pub fn prompts(loaded: &LoadedModel) -> Vec<Vec<u32>> {
+    let texts = [
+        "Hi",
+        "What is the weather in Paris today? Please answer in one short sentence.",
+        "Write a short poem about the sea, the wind and the boats that sail on it at night.",
+    ];
+    texts
+        .iter()
+        .map(|t| {
+            let messages = serde_json::json!([{"role": "user", "content": t}]);
+            loaded
+                .chat
+                .encode_chat(&messages, None, true, &serde_json::Map::new())
+                .expect("encode chat")
+        })
+        .collect()
+}
