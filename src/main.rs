@@ -103,7 +103,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         logprobs_mode: a.logprobs_mode,
         ..SamplingParams::default()
     };
-    let engine = EngineHandle::spawn(loaded.model, chat.eos_token_ids().to_vec(), None)?;
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        chat.eos_token_ids().to_vec(),
+        Default::default(),
+    )?;
     let started = Instant::now();
     let choices = engine
         .generate(prompt_ids.clone(), params)?

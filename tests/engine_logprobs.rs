@@ -17,8 +17,12 @@ fn dist(temperature: f32, top_p: f32) -> DistributionParams {
 fn cached_decode_log_probs_equal_teacher_forced_scores() {
     let (_dir, loaded) = common::tiny_qwen3(11);
     let prompts = common::prompts(&loaded);
-    let engine =
-        EngineHandle::spawn(loaded.model, loaded.chat.eos_token_ids().to_vec(), None).unwrap();
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        loaded.chat.eos_token_ids().to_vec(),
+        Default::default(),
+    )
+    .unwrap();
     let mut checked = 0;
     for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
         for d in [
@@ -68,8 +72,12 @@ fn greedy_picks_the_raw_argmax_at_every_step() {
     let (_dir, loaded) = common::tiny_qwen3(12);
     let model = loaded.model.clone();
     let prompt = common::prompts(&loaded)[1].clone();
-    let engine =
-        EngineHandle::spawn(loaded.model, loaded.chat.eos_token_ids().to_vec(), None).unwrap();
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        loaded.chat.eos_token_ids().to_vec(),
+        Default::default(),
+    )
+    .unwrap();
     for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
         let params = SamplingParams {
             distribution: dist(0.0, 1.0),
@@ -121,8 +129,12 @@ fn log_probs_are_natural_logs_over_the_full_vocabulary() {
     let (_dir, loaded) = common::tiny_qwen3(13);
     let vocab = loaded.config.vocab_size;
     let prompt = common::prompts(&loaded)[0].clone();
-    let engine =
-        EngineHandle::spawn(loaded.model, loaded.chat.eos_token_ids().to_vec(), None).unwrap();
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        loaded.chat.eos_token_ids().to_vec(),
+        Default::default(),
+    )
+    .unwrap();
     for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
         let params = SamplingParams {
             distribution: dist(1.0, 1.0),
@@ -158,8 +170,12 @@ fn log_probs_are_natural_logs_over_the_full_vocabulary() {
 fn processed_log_probs_renormalize_over_the_nucleus() {
     let (_dir, loaded) = common::tiny_qwen3(14);
     let prompt = common::prompts(&loaded)[2].clone();
-    let engine =
-        EngineHandle::spawn(loaded.model, loaded.chat.eos_token_ids().to_vec(), None).unwrap();
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        loaded.chat.eos_token_ids().to_vec(),
+        Default::default(),
+    )
+    .unwrap();
     let params = SamplingParams {
         distribution: DistributionParams {
             temperature: 0.8,

@@ -29,8 +29,12 @@ fn params(seed: u64, n: usize, max_tokens: usize) -> SamplingParams {
 fn same_seed_same_output_and_choices_differ() {
     let (_dir, loaded) = common::tiny_qwen3(21);
     let prompt = common::prompts(&loaded)[1].clone();
-    let engine =
-        EngineHandle::spawn(loaded.model, loaded.chat.eos_token_ids().to_vec(), None).unwrap();
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        loaded.chat.eos_token_ids().to_vec(),
+        Default::default(),
+    )
+    .unwrap();
     let first = engine
         .generate(prompt.clone(), params(7, 2, 16))
         .unwrap()
@@ -68,6 +72,7 @@ impl Harness {
     fn add(&mut self, prompt: &[u32], p: SamplingParams) -> usize {
         let (events, rx) = mpsc::unbounded_channel();
         self.core.add(GenerationJob {
+            request_id: self.receivers.len() as u64,
             prompt: prompt.to_vec(),
             seed: p.seed.unwrap(),
             budget: p.max_tokens,
@@ -97,7 +102,7 @@ fn output_does_not_depend_on_other_sequences_in_the_batch() {
     let model = loaded.model;
 
     let mut alone = Harness {
-        core: EngineCore::new(model.clone(), eos.clone()),
+        core: EngineCore::new(model.clone(), eos.clone(), "0"),
         receivers: Vec::new(),
     };
     let id = alone.add(&prompts[1], params(3, 2, 12));
@@ -109,7 +114,7 @@ fn output_does_not_depend_on_other_sequences_in_the_batch() {
     // The same request joins mid-flight, next to decoding sequences of other
     // lengths, and shares its prefill step with their decode tokens.
     let mut crowded = Harness {
-        core: EngineCore::new(model, eos),
+        core: EngineCore::new(model, eos, "0"),
         receivers: Vec::new(),
     };
     crowded.add(&prompts[0], params(100, 3, 20));

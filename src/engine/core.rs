@@ -12,10 +12,12 @@ pub struct EngineCore {
     model: Model,
     eos_token_ids: Vec<u32>,
     running: Vec<Sequence>,
+    weight_version: Arc<str>,
 }
 
 /// A validated generation request (see [`super::EngineHandle::generate`]).
 pub struct GenerationJob {
+    pub request_id: u64,
     pub prompt: Vec<u32>,
     pub params: Arc<SamplingParams>,
     pub seed: u64,
@@ -29,15 +31,37 @@ pub struct ScoreJob {
     pub start: usize,
     pub distribution: DistributionParams,
     pub mode: LogprobsMode,
+    /// Alternatives to report per scored position (0 = none).
+    pub top_logprobs: usize,
+}
+
+/// Teacher-forced log-probs of `token_ids[start..]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreOutput {
+    pub token_logprobs: Vec<f32>,
+    /// Per position, the best alternatives (empty unless asked for).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub weight_version: Arc<str>,
 }
 
 impl EngineCore {
-    pub fn new(model: Model, eos_token_ids: Vec<u32>) -> Self {
+    pub fn new(model: Model, eos_token_ids: Vec<u32>, weight_version: &str) -> Self {
         Self {
             model,
             eos_token_ids,
             running: Vec::new(),
+            weight_version: Arc::from(weight_version),
         }
+    }
+
+    pub fn weight_version(&self) -> &Arc<str> {
+        &self.weight_version
+    }
+
+    /// Drops the sequences of a request (one choice, or all of them).
+    pub fn cancel(&mut self, request_id: u64, choice: Option<usize>) {
+        self.running
+            .retain(|s| s.request_id != request_id || choice.is_some_and(|c| c != s.choice));
     }
 
     pub fn has_work(&self) -> bool {
@@ -52,6 +76,7 @@ impl EngineCore {
     pub fn add(&mut self, job: GenerationJob) {
         for choice in 0..job.params.n {
             self.running.push(Sequence::new(
+                job.request_id,
                 choice,
                 job.prompt.clone(),
                 job.seed,
@@ -119,6 +144,7 @@ impl EngineCore {
                 logprob: sampled.logprob,
                 top_logprobs: sampled.top_logprobs,
                 finish,
+                weight_version: self.weight_version.clone(),
             });
             // A closed channel means the client went away: drop the sequence.
             if seq.events.send(event).is_ok() && finish.is_none() {
@@ -130,7 +156,7 @@ impl EngineCore {
 
     /// Teacher-forced log-probs of `token_ids[start..]`, from one fresh forward
     /// pass (no cache reuse).
-    pub fn score(&self, job: &ScoreJob) -> candle_core::Result<Vec<f32>> {
+    pub fn score(&self, job: &ScoreJob) -> candle_core::Result<ScoreOutput> {
         let tokens = &job.token_ids;
         let mut cache = self.model.new_cache();
         let logits = self.model.forward(&mut [Segment {
@@ -142,10 +168,16 @@ impl EngineCore {
             },
         }])?;
         let rows = logits.to_vec2::<f32>()?;
-        Ok(rows
-            .iter()
-            .zip(&tokens[job.start..])
-            .map(|(row, &t)| sampler::score(row, &job.distribution, job.mode, t))
-            .collect())
+        let mut out = ScoreOutput {
+            token_logprobs: Vec::with_capacity(rows.len()),
+            top_logprobs: Vec::with_capacity(rows.len()),
+            weight_version: self.weight_version.clone(),
+        };
+        for (row, &t) in rows.iter().zip(&tokens[job.start..]) {
+            let (lp, top) = sampler::score(row, &job.distribution, job.mode, t, job.top_logprobs);
+            out.token_logprobs.push(lp);
+            out.top_logprobs.push(top);
+        }
+        Ok(out)
     }
 }

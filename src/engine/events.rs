@@ -1,6 +1,7 @@
 //! What the engine reports back to a request, token by token.
 
 use serde::Serialize;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,6 +36,8 @@ pub struct TokenEvent {
     pub top_logprobs: Vec<(u32, f32)>,
     /// Set on the choice's last token.
     pub finish: Option<FinishReason>,
+    /// The weight version that produced this token.
+    pub weight_version: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,10 +10,12 @@ pub mod params;
 pub mod sampler;
 pub mod sequence;
 
+pub use self::core::ScoreOutput;
 use self::core::{EngineCore, GenerationJob, ScoreJob};
 use crate::model::Model;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
-pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams};
+pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
@@ -46,13 +48,28 @@ pub struct EngineLimits {
 
 enum Command {
     Generate(GenerationJob),
-    Score(ScoreJob, oneshot::Sender<Result<Vec<f32>, EngineError>>),
+    Score(ScoreJob, oneshot::Sender<Result<ScoreOutput, EngineError>>),
+    /// Stop a request's sequences (one choice, or all) and free their caches.
+    Cancel {
+        request_id: u64,
+        choice: Option<usize>,
+    },
 }
 
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     limits: Arc<EngineLimits>,
+    next_request_id: Arc<AtomicU64>,
+}
+
+/// Options for starting the engine thread.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Longest prompt + generation; clamped to the model's position tables.
+    pub max_model_len: Option<usize>,
+    /// Label of the weights the engine starts with (default "0").
+    pub weight_version: Option<String>,
 }
 
 impl EngineHandle {
@@ -61,21 +78,26 @@ impl EngineHandle {
     pub fn spawn(
         model: Model,
         eos_token_ids: Vec<u32>,
-        max_model_len: Option<usize>,
+        options: EngineOptions,
     ) -> std::io::Result<Self> {
         let max_positions = model.max_positions();
         let limits = Arc::new(EngineLimits {
             vocab_size: model.config().vocab_size,
-            max_model_len: max_model_len.map_or(max_positions, |m| m.min(max_positions)),
+            max_model_len: options
+                .max_model_len
+                .map_or(max_positions, |m| m.min(max_positions)),
             eos_token_ids: eos_token_ids.clone(),
         });
+        let version = options.weight_version.unwrap_or_else(|| "0".to_string());
+        let core = EngineCore::new(model, eos_token_ids, &version);
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()
             .name("gym-serve-engine".into())
-            .spawn(move || run_loop(EngineCore::new(model, eos_token_ids), rx))?;
+            .spawn(move || run_loop(core, rx))?;
         Ok(Self {
             commands: tx,
             limits,
+            next_request_id: Arc::new(AtomicU64::new(1)),
         })
     }
 
@@ -118,8 +140,10 @@ impl EngineHandle {
         let budget = params.max_tokens.min(max - prompt.len());
         let seed = params.seed.unwrap_or_else(rand::random);
         let n = params.n;
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (events, receiver) = tokio_mpsc::unbounded_channel();
         let job = GenerationJob {
+            request_id,
             prompt,
             params: Arc::new(params),
             seed,
@@ -129,7 +153,12 @@ impl EngineHandle {
         self.commands
             .send(Command::Generate(job))
             .map_err(|_| EngineError::Stopped)?;
-        Ok(GenerationStream { receiver, n })
+        Ok(GenerationStream {
+            receiver,
+            n,
+            request_id,
+            commands: self.commands.clone(),
+        })
     }
 
     fn score_job(
@@ -138,7 +167,8 @@ impl EngineHandle {
         start: usize,
         distribution: DistributionParams,
         mode: LogprobsMode,
-    ) -> Result<oneshot::Receiver<Result<Vec<f32>, EngineError>>, EngineError> {
+        top_logprobs: usize,
+    ) -> Result<oneshot::Receiver<Result<ScoreOutput, EngineError>>, EngineError> {
         distribution.validate()?;
         self.check_tokens(&token_ids)?;
         if start == 0 || start > token_ids.len() {
@@ -159,6 +189,7 @@ impl EngineHandle {
             start,
             distribution,
             mode,
+            top_logprobs,
         };
         self.commands
             .send(Command::Score(job, reply))
@@ -174,20 +205,24 @@ impl EngineHandle {
         distribution: DistributionParams,
         mode: LogprobsMode,
     ) -> Result<Vec<f32>, EngineError> {
-        self.score_job(token_ids, start, distribution, mode)?
+        let out = self
+            .score_job(token_ids, start, distribution, mode, 0)?
             .blocking_recv()
-            .map_err(|_| EngineError::Stopped)?
+            .map_err(|_| EngineError::Stopped)??;
+        Ok(out.token_logprobs)
     }
 
-    /// Teacher-forced log-probs of `token_ids[start..]`.
+    /// Teacher-forced log-probs of `token_ids[start..]`, with `top_logprobs`
+    /// alternatives per position.
     pub async fn score(
         &self,
         token_ids: Vec<u32>,
         start: usize,
         distribution: DistributionParams,
         mode: LogprobsMode,
-    ) -> Result<Vec<f32>, EngineError> {
-        self.score_job(token_ids, start, distribution, mode)?
+        top_logprobs: usize,
+    ) -> Result<ScoreOutput, EngineError> {
+        self.score_job(token_ids, start, distribution, mode, top_logprobs)?
             .await
             .map_err(|_| EngineError::Stopped)?
     }
@@ -202,6 +237,7 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
                 .map_err(|e| EngineError::Failed(e.to_string()));
             let _ = reply.send(result);
         }
+        Command::Cancel { request_id, choice } => core.cancel(request_id, choice),
     };
     loop {
         if !core.has_work() {
@@ -227,15 +263,35 @@ pub struct ChoiceOutput {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// The events of one request, as they are produced.
+/// The events of one request, as they are produced. Dropping it cancels
+/// whatever the request still has running.
 pub struct GenerationStream {
     receiver: EventReceiver,
     n: usize,
+    request_id: u64,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Cancel {
+            request_id: self.request_id,
+            choice: None,
+        });
+    }
 }
 
 impl GenerationStream {
     pub fn n(&self) -> usize {
         self.n
+    }
+
+    /// Stops one choice (e.g. a stop string matched); the others go on.
+    pub fn cancel_choice(&self, choice: usize) {
+        let _ = self.commands.send(Command::Cancel {
+            request_id: self.request_id,
+            choice: Some(choice),
+        });
     }
 
     /// The next event; `None` once every choice has finished.

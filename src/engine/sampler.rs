@@ -235,12 +235,21 @@ pub fn sample(
 }
 
 /// Log-prob of a given `token` under the mode's distribution for this row, as
-/// [`sample`] would have reported it (-inf if filtered out).
-pub fn score(logits: &[f32], params: &DistributionParams, mode: LogprobsMode, token: u32) -> f32 {
+/// [`sample`] would have reported it (-inf if filtered out), and the `top`
+/// best alternatives under the same distribution.
+pub fn score(
+    logits: &[f32],
+    params: &DistributionParams,
+    mode: LogprobsMode,
+    token: u32,
+    top: usize,
+) -> (f32, Vec<(u32, f32)>) {
     if params.is_greedy() || mode == LogprobsMode::Raw {
-        return Raw::new(logits).logprob(token);
+        let raw = Raw::new(logits);
+        return (raw.logprob(token), raw.top(top));
     }
-    Processed::new(logits, params, &[]).logprob(token)
+    let processed = Processed::new(logits, params, &[]);
+    (processed.logprob(token), processed.top(top))
 }
 
 #[cfg(test)]
@@ -311,7 +320,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
             let s = sample(&logits, &p, mode, &[], 3, &mut rng);
-            assert_eq!(s.logprob, score(&logits, &p, mode, s.token));
+            assert_eq!(s.logprob, score(&logits, &p, mode, s.token, 0).0);
             assert_eq!(s.top_logprobs.len(), 3);
         }
     }

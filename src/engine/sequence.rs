@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
 pub struct Sequence {
+    pub request_id: u64,
     pub choice: usize,
     pub prompt: Vec<u32>,
     pub generated: Vec<u32>,
@@ -22,7 +23,9 @@ pub struct Sequence {
 impl Sequence {
     /// Choice `choice` of a request seeded with `seed` draws from ChaCha stream
     /// `choice`: reproducible, and independent of every other sequence.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        request_id: u64,
         choice: usize,
         prompt: Vec<u32>,
         seed: u64,
@@ -34,6 +37,7 @@ impl Sequence {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(choice as u64);
         Self {
+            request_id,
             choice,
             prompt,
             generated: Vec::new(),
