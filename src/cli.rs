@@ -1,6 +1,7 @@
 //! Command-line interface. Every flag can also be set as a `GYM_SERVE_*`
 //! environment variable.
 
+use crate::chat::parsers::{ReasoningParser, ToolCallParser};
 use crate::config::Architecture;
 use crate::engine::LogprobsMode;
 use crate::fixtures::Preset;
@@ -13,9 +14,60 @@ use std::path::PathBuf;
     version,
     about = "Inference engine for RL rollouts: exact token IDs, log-probs, hot weight reloads"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// With no subcommand, gym-serve serves.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Hugging Face checkpoint directory to serve.
+    #[arg(long, env = "GYM_SERVE_MODEL")]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1", env = "GYM_SERVE_HOST")]
+    pub host: String,
+    /// 0 picks a free port (the address is printed on stdout).
+    #[arg(long, default_value_t = 8000, env = "GYM_SERVE_PORT")]
+    pub port: u16,
+    /// Name clients use in `model` (default: the checkpoint directory's name).
+    #[arg(long, env = "GYM_SERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Longest prompt + generation (default: the model's max_position_embeddings).
+    #[arg(long, env = "GYM_SERVE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on the API routes.
+    #[arg(long, env = "GYM_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[arg(
+        long,
+        value_enum,
+        default_value = "none",
+        env = "GYM_SERVE_REASONING_PARSER"
+    )]
+    pub reasoning_parser: ReasoningParser,
+    #[arg(
+        long,
+        value_enum,
+        default_value = "none",
+        env = "GYM_SERVE_TOOL_CALL_PARSER"
+    )]
+    pub tool_call_parser: ToolCallParser,
+    /// Default log-prob mode; requests override it with `logprobs_mode`.
+    #[arg(long, default_value = "processed", env = "GYM_SERVE_LOGPROBS_MODE")]
+    pub logprobs_mode: LogprobsMode,
+    /// Seed for requests that do not bring one (default: random per request).
+    #[arg(long, env = "GYM_SERVE_SEED")]
+    pub seed: Option<u64>,
+    /// Label of the weights loaded at start.
+    #[arg(long, default_value = "0", env = "GYM_SERVE_WEIGHT_VERSION")]
+    pub weight_version: String,
+    /// Run on the GPU (needs the cuda or metal feature).
+    #[arg(long, env = "GYM_SERVE_GPU")]
+    pub gpu: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -44,6 +96,8 @@ pub enum DTypeArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible API (the default command).
+    Serve(ServeArgs),
     /// Write a seeded Hugging Face checkpoint (weights, tokenizer, chat template).
     MakeModel(MakeModelArgs),
     /// Generate from a prompt and print the text, token IDs and log-probs.

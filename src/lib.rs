@@ -1,5 +1,6 @@
 //! gym-serve: an inference engine and server for reinforcement-learning rollouts.
 
+pub mod api;
 pub mod chat;
 pub mod cli;
 pub mod config;
@@ -7,4 +8,5 @@ pub mod engine;
 pub mod fixtures;
 pub mod loader;
 pub mod model;
+pub mod server;
 pub mod weights;

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use gym_serve::cli::{Cli, Command, DTypeArg, GenerateArgs, MakeModelArgs};
+use gym_serve::cli::{Cli, Command, DTypeArg, GenerateArgs, MakeModelArgs, ServeArgs};
 use gym_serve::engine::{DistributionParams, EngineHandle, SamplingParams};
 use gym_serve::fixtures::{make_model, MakeModelOptions};
 use gym_serve::loader::{run_dtype, select_device, LoadedModel};
@@ -15,10 +15,20 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::MakeModel(args) => run_make_model(args),
-        Command::Generate(args) => run_generate(args),
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::MakeModel(args)) => run_make_model(args),
+        Some(Command::Generate(args)) => run_generate(args),
+        Some(Command::Serve(args)) => run_serve(args),
+        None => run_serve(cli.serve),
     }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(gym_serve::server::serve(args))
 }
 
 fn run_make_model(a: MakeModelArgs) -> anyhow::Result<()> {

@@ -1,7 +1,9 @@
 //! Text side of the engine: the tokenizer, the chat template, and turning a
 //! conversation into prompt token IDs.
 
+pub mod parsers;
 pub mod python_json;
+pub mod splice;
 pub mod template;
 pub mod tokenizer;
 
@@ -22,6 +24,8 @@ pub enum ChatError {
     Config(String),
     #[error("this model has no chat template")]
     NoTemplate,
+    #[error(transparent)]
+    Splice(#[from] splice::SpliceError),
 }
 
 /// `chat_template` in tokenizer_config.json: one template or named variants.
@@ -136,5 +140,34 @@ impl ChatProcessor {
     ) -> Result<Vec<u32>, ChatError> {
         let text = self.render(messages, tools, add_generation_prompt, kwargs)?;
         self.tokenizer.encode(&text, false)
+    }
+
+    /// Prompt token IDs for a conversation, kept on-policy: when the request
+    /// carries a model prefix (message-level IDs or `required_prefix`), the
+    /// prompt starts with exactly those tokens.
+    pub fn encode_chat_on_policy(
+        &self,
+        messages: &[Json],
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        kwargs: &Map<String, Json>,
+        required_prefix: Option<&[u32]>,
+    ) -> Result<Vec<u32>, ChatError> {
+        let all = Json::Array(messages.to_vec());
+        let full = self.encode_chat(&all, tools, add_generation_prompt, kwargs)?;
+        let eos = &self.eos_token_ids;
+        let (prefix, k) = match splice::find_prefix(messages, required_prefix)? {
+            None => return Ok(full),
+            Some(splice::ModelPrefix::Message { index, tokens }) => {
+                let upto = Json::Array(messages[..=index].to_vec());
+                let upto = self.encode_chat(&upto, tools, false, kwargs)?;
+                (tokens, splice::count_eos(&upto, eos))
+            }
+            Some(splice::ModelPrefix::Explicit(tokens)) => {
+                let k = splice::count_eos(splice::without_trailing_eos(&tokens, eos), eos) + 1;
+                (tokens, k)
+            }
+        };
+        Ok(splice::splice(&full, &prefix, k, eos)?)
     }
 }

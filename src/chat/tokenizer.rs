@@ -44,10 +44,44 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The raw bytes a token stands for. Byte-level BPE tokens map their
+    /// characters back to bytes (so a token holding half of a UTF-8 character
+    /// gives that half); other tokens give their text's UTF-8.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let is_byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        match self.inner.id_to_token(id) {
+            Some(piece) if is_byte_level => {
+                let bytes: Option<Vec<u8>> = piece.chars().map(byte_level_char_to_byte).collect();
+                bytes.unwrap_or_else(|| piece.into_bytes())
+            }
+            Some(piece) => piece.into_bytes(),
+            None => Vec::new(),
+        }
+    }
+
     /// Number of tokens, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// Inverse of GPT-2's byte-to-character table: printable bytes stand for
+/// themselves, the other 68 are shifted to U+0100.. in byte order.
+fn byte_level_char_to_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if printable(code) {
+        return Some(code as u8);
+    }
+    let shifted = code.checked_sub(256)?;
+    (0u32..=255)
+        .filter(|b| !printable(*b))
+        .nth(shifted as usize)
+        .map(|b| b as u8)
 }
 
 /// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.

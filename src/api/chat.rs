@@ -1,0 +1,335 @@
+//! `POST /v1/chat/completions`, streaming and not, with the token transport
+//! fields of CONTRACT.md on every choice.
+
+use super::error::ApiError;
+use super::generation::{
+    chat_logprob_entry, finite_logprobs, response_id, unix_time, usage, ChoiceState, Progress,
+    RunOptions, Runner, TokenFormat,
+};
+use super::json::ApiJson;
+use super::types::{explicit_null, normalize_messages, SamplingRequest};
+use super::AppState;
+use crate::chat::parsers::{parse_output, ParsedOutput, ReasoningParser, ToolCallParser};
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    top_logprobs: Option<Option<usize>>,
+    add_generation_prompt: Option<bool>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+    required_prefix_token_ids: Option<Vec<u32>>,
+    #[serde(flatten)]
+    sampling: SamplingRequest,
+}
+
+/// Everything a response needs to know besides the generated tokens.
+struct ChatPlan {
+    id: String,
+    created: u64,
+    want_logprobs: bool,
+    format: TokenFormat,
+    return_token_ids: bool,
+    reasoning: ReasoningParser,
+    tools: ToolCallParser,
+    include_usage: bool,
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(mut req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    state.check_model(req.sampling.model.as_deref())?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top_logprobs = match req.top_logprobs {
+        Some(None) if want_logprobs => {
+            return Err(ApiError::bad_request(
+                "top_logprobs must be an integer in [0, 20] when logprobs is true, not null",
+                Some("top_logprobs"),
+            ))
+        }
+        Some(Some(k)) if want_logprobs => k,
+        _ => 0,
+    };
+    normalize_messages(&mut req.messages)?;
+    let tools = req.tools.as_ref().filter(|t| !t.is_null());
+    let tool_choice_none = matches!(
+        req.tool_choice.as_ref().and_then(Value::as_str),
+        Some("none")
+    );
+    let prompt = state.chat.encode_chat_on_policy(
+        &req.messages,
+        tools,
+        req.add_generation_prompt.unwrap_or(true),
+        &req.chat_template_kwargs.clone().unwrap_or_default(),
+        req.required_prefix_token_ids.as_deref(),
+    )?;
+    let params = req.sampling.sampling_params(top_logprobs, state.defaults)?;
+    let options = RunOptions {
+        stop: req.sampling.stop_strings(),
+        include_stop_str_in_output: req.sampling.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: req.sampling.skip_special_tokens.unwrap_or(true),
+        stop_token_ids: params.stop_token_ids.clone(),
+    };
+    let stream = state.engine.generate(prompt.clone(), params)?;
+    let runner = Runner::new(state.clone(), prompt, stream, options);
+    let plan = ChatPlan {
+        id: response_id("chatcmpl"),
+        created: unix_time(),
+        want_logprobs,
+        format: TokenFormat {
+            as_token_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+        },
+        return_token_ids: req.sampling.return_token_ids.unwrap_or(false),
+        reasoning: state.reasoning_parser,
+        tools: if tools.is_some() && !tool_choice_none {
+            state.tool_call_parser
+        } else {
+            ToolCallParser::None
+        },
+        include_usage: req
+            .sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    };
+    if req.sampling.stream.unwrap_or(false) {
+        Ok(stream_response(state, runner, plan))
+    } else {
+        full_response(&state, runner, plan).await
+    }
+}
+
+fn tool_calls_json(parsed: &ParsedOutput) -> Vec<Value> {
+    parsed
+        .tool_calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            json!({
+                "id": response_id("call"),
+                "index": i,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            })
+        })
+        .collect()
+}
+
+/// `tool_calls` replaces `stop` when the model called a tool.
+fn finish_reason(choice: &ChoiceState, parsed: &ParsedOutput) -> Option<&'static str> {
+    match choice.finish_reason {
+        Some("stop") if !parsed.tool_calls.is_empty() => Some("tool_calls"),
+        other => other,
+    }
+}
+
+fn logprobs_json(
+    state: &AppState,
+    c: &ChoiceState,
+    range: std::ops::Range<usize>,
+    plan: &ChatPlan,
+) -> Value {
+    if !plan.want_logprobs {
+        return Value::Null;
+    }
+    let content: Vec<Value> = range
+        .map(|i| {
+            chat_logprob_entry(
+                state,
+                c.token_ids[i],
+                c.logprobs[i],
+                &c.top_logprobs[i],
+                plan.format,
+            )
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+async fn full_response(
+    state: &AppState,
+    mut runner: Runner,
+    plan: ChatPlan,
+) -> Result<Response, ApiError> {
+    runner.run_to_end().await?;
+    let mut choices = Vec::new();
+    for (index, c) in runner.choices.iter().enumerate() {
+        let parsed = parse_output(&c.text, plan.reasoning, plan.tools, false);
+        let mut message = json!({
+            "role": "assistant",
+            "content": if parsed.content.is_empty() && !parsed.tool_calls.is_empty() { Value::Null } else { json!(parsed.content) },
+            "tool_calls": tool_calls_json(&parsed),
+            "prompt_token_ids": runner.prompt,
+            "generation_token_ids": c.token_ids,
+            "generation_log_probs": finite_logprobs(&c.logprobs),
+        });
+        if let Some(r) = &parsed.reasoning {
+            message["reasoning_content"] = json!(r);
+            message["reasoning"] = json!(r);
+        }
+        let mut choice = json!({
+            "index": index,
+            "message": message,
+            "logprobs": logprobs_json(state, c, 0..c.token_ids.len(), &plan),
+            "finish_reason": finish_reason(c, &parsed),
+            "stop_reason": c.stop_reason,
+        });
+        if plan.return_token_ids {
+            choice["token_ids"] = json!(c.token_ids);
+        }
+        choices.push(choice);
+    }
+    let completion_tokens = runner.choices.iter().map(|c| c.token_ids.len()).sum();
+    let mut body = json!({
+        "id": plan.id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": state.served_model_name,
+        "choices": choices,
+        "usage": usage(runner.prompt.len(), completion_tokens),
+        "weight_version": runner.version(),
+    });
+    if plan.return_token_ids {
+        body["prompt_token_ids"] = json!(runner.prompt);
+    }
+    Ok(Json(body).into_response())
+}
+
+/// What a stream has already sent of one choice's parsed text.
+#[derive(Default, Clone)]
+struct Sent {
+    reasoning: usize,
+    content: usize,
+}
+
+/// The text `now` adds beyond the `sent` bytes already streamed, if it only grew.
+fn growth(now: &str, sent: &mut usize) -> Option<String> {
+    if now.len() > *sent && now.is_char_boundary(*sent) {
+        let delta = now[*sent..].to_string();
+        *sent = now.len();
+        Some(delta)
+    } else {
+        None
+    }
+}
+
+fn chunk(plan: &ChatPlan, state: &AppState, version: &str, choices: Vec<Value>) -> Value {
+    json!({
+        "id": plan.id,
+        "object": "chat.completion.chunk",
+        "created": plan.created,
+        "model": state.served_model_name,
+        "choices": choices,
+        "weight_version": version,
+    })
+}
+
+fn progress_chunk(
+    state: &AppState,
+    runner: &Runner,
+    plan: &ChatPlan,
+    p: &Progress,
+    sent: &mut Sent,
+) -> Value {
+    let c = &runner.choices[p.choice];
+    let parsed = parse_output(&c.text, plan.reasoning, plan.tools, !p.finished);
+    let mut delta = Map::new();
+    if let Some(r) = parsed
+        .reasoning
+        .as_deref()
+        .and_then(|r| growth(r, &mut sent.reasoning))
+    {
+        delta.insert("reasoning_content".into(), json!(r));
+        delta.insert("reasoning".into(), json!(r));
+    }
+    if let Some(text) = growth(&parsed.content, &mut sent.content) {
+        delta.insert("content".into(), json!(text));
+    }
+    let mut choice = json!({
+        "index": p.choice,
+        "logprobs": logprobs_json(state, c, p.new_tokens.clone(), plan),
+        "finish_reason": Value::Null,
+    });
+    if plan.return_token_ids {
+        choice["token_ids"] = json!(c.token_ids[p.new_tokens.clone()]);
+    }
+    if p.finished {
+        if !parsed.tool_calls.is_empty() {
+            delta.insert("tool_calls".into(), json!(tool_calls_json(&parsed)));
+        }
+        delta.insert("prompt_token_ids".into(), json!(runner.prompt));
+        delta.insert("generation_token_ids".into(), json!(c.token_ids));
+        delta.insert(
+            "generation_log_probs".into(),
+            json!(finite_logprobs(&c.logprobs)),
+        );
+        choice["finish_reason"] = json!(finish_reason(c, &parsed));
+        choice["stop_reason"] = c.stop_reason.clone();
+    }
+    choice["delta"] = Value::Object(delta);
+    chunk(plan, state, &runner.version(), vec![choice])
+}
+
+fn stream_response(state: Arc<AppState>, mut runner: Runner, plan: ChatPlan) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(Event::default().data(v.to_string())))
+                    .await
+                    .is_ok()
+            }
+        };
+        let n = runner.choices.len();
+        let first: Vec<Value> = (0..n)
+            .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+            .collect();
+        if !send(chunk(&plan, &state, &runner.version(), first)).await {
+            return;
+        }
+        let mut sent = vec![Sent::default(); n];
+        loop {
+            match runner.next().await {
+                Ok(Some(p)) => {
+                    let body = progress_chunk(&state, &runner, &plan, &p, &mut sent[p.choice]);
+                    // A closed channel means the client left: dropping the
+                    // runner cancels its sequences in the engine.
+                    if !send(body).await {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = send(e.body()).await;
+                    break;
+                }
+            }
+        }
+        if plan.include_usage {
+            let completion = runner.choices.iter().map(|c| c.token_ids.len()).sum();
+            let mut last = chunk(&plan, &state, &runner.version(), Vec::new());
+            last["usage"] = usage(runner.prompt.len(), completion);
+            if !send(last).await {
+                return;
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(rx)).into_response()
+}

@@ -1,0 +1,99 @@
+//! Every error an endpoint can answer with, mapped once to an HTTP status and
+//! an OpenAI error body `{"error": {"message", "type", "param", "code"}}`.
+
+use crate::chat::ChatError;
+use crate::engine::EngineError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("Incorrect or missing API key.")]
+    Unauthorized,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Engine(e) => match e {
+                EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+                EngineError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            ApiError::Chat(e) => match e {
+                ChatError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::BadRequest { param, .. } => *param,
+            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::Engine(EngineError::InvalidParam(p)) => Some(p.param),
+            ApiError::Engine(EngineError::InvalidStart { .. }) => Some("start"),
+            ApiError::Chat(ChatError::Template(_)) | ApiError::Chat(ChatError::Splice(_)) => {
+                Some("messages")
+            }
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            s if s.is_server_error() => "InternalServerError",
+            _ => "BadRequestError",
+        }
+    }
+
+    /// The JSON error body (also sent as an SSE event when a stream fails).
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": self.param(),
+                "code": self.status().as_u16(),
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,231 @@
+//! Running one prompt through the engine for an HTTP response: collecting each
+//! choice's tokens and log-probs, detokenizing incrementally, applying stop
+//! strings, and formatting the per-token `logprobs` entries.
+
+use super::error::ApiError;
+use super::AppState;
+use crate::engine::{EngineError, EngineEvent, FinishReason, GenerationStream};
+use serde_json::{json, Value};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// vLLM's stand-in for a log-prob JSON cannot carry (-inf).
+const NEG_INF_LOGPROB: f32 = -9999.0;
+
+pub fn finite(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        NEG_INF_LOGPROB
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ChoiceState {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Decoded text so far (cut at a matched stop string).
+    pub text: String,
+    pub finish_reason: Option<&'static str>,
+    /// The stop string or stop token ID that ended the choice.
+    pub stop_reason: Value,
+}
+
+/// What the last call to [`Runner::next`] added to one choice.
+pub struct Progress {
+    pub choice: usize,
+    pub new_tokens: Range<usize>,
+    pub finished: bool,
+}
+
+pub struct RunOptions {
+    pub stop: Vec<String>,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    pub stop_token_ids: Vec<u32>,
+}
+
+pub struct Runner {
+    state: Arc<AppState>,
+    stream: GenerationStream,
+    options: RunOptions,
+    pub prompt: Vec<u32>,
+    pub choices: Vec<ChoiceState>,
+    pub weight_version: Option<Arc<str>>,
+}
+
+impl Runner {
+    pub fn new(
+        state: Arc<AppState>,
+        prompt: Vec<u32>,
+        stream: GenerationStream,
+        options: RunOptions,
+    ) -> Self {
+        let n = stream.n();
+        Self {
+            state,
+            stream,
+            options,
+            prompt,
+            choices: vec![ChoiceState::default(); n],
+            weight_version: None,
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.choices.iter().all(|c| c.finish_reason.is_some())
+    }
+
+    /// The next token of any choice; `None` once every choice has finished.
+    pub async fn next(&mut self) -> Result<Option<Progress>, ApiError> {
+        while !self.all_finished() {
+            let event = match self.stream.next().await {
+                Some(EngineEvent::Token(t)) => t,
+                Some(EngineEvent::Failed(msg)) => return Err(EngineError::Failed(msg).into()),
+                None => return Err(EngineError::Stopped.into()),
+            };
+            let i = event.choice;
+            if self.choices[i].finish_reason.is_some() {
+                continue; // already cut by a stop string; the engine ran ahead
+            }
+            if self.weight_version.is_none() {
+                self.weight_version = Some(event.weight_version.clone());
+            }
+            let start = self.choices[i].token_ids.len();
+            {
+                let c = &mut self.choices[i];
+                c.token_ids.push(event.token);
+                c.logprobs.push(event.logprob);
+                c.top_logprobs.push(event.top_logprobs);
+                if let Some(f) = event.finish {
+                    c.finish_reason = Some(f.as_str());
+                    if f == FinishReason::Stop && self.options.stop_token_ids.contains(&event.token)
+                    {
+                        c.stop_reason = json!(event.token);
+                    }
+                }
+            }
+            self.update_text(i)?;
+            return Ok(Some(Progress {
+                choice: i,
+                new_tokens: start..start + 1,
+                finished: self.choices[i].finish_reason.is_some(),
+            }));
+        }
+        Ok(None)
+    }
+
+    fn update_text(&mut self, i: usize) -> Result<(), ApiError> {
+        let c = &mut self.choices[i];
+        let text = self
+            .state
+            .chat
+            .tokenizer
+            .decode(&c.token_ids, self.options.skip_special_tokens)?;
+        // A token may end inside a UTF-8 character: wait for the rest.
+        if text.ends_with('\u{FFFD}') && c.finish_reason.is_none() {
+            return Ok(());
+        }
+        c.text = text;
+        let hit = self
+            .options
+            .stop
+            .iter()
+            .filter_map(|s| c.text.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at);
+        if let Some((at, stop)) = hit {
+            let end = if self.options.include_stop_str_in_output {
+                at + stop.len()
+            } else {
+                at
+            };
+            c.text.truncate(end);
+            c.finish_reason = Some("stop");
+            c.stop_reason = json!(stop);
+            self.stream.cancel_choice(i);
+        }
+        Ok(())
+    }
+
+    /// Runs every choice to the end.
+    pub async fn run_to_end(&mut self) -> Result<(), ApiError> {
+        while self.next().await?.is_some() {}
+        Ok(())
+    }
+
+    pub fn version(&self) -> String {
+        self.weight_version
+            .as_deref()
+            .unwrap_or(&self.state.initial_weight_version)
+            .to_string()
+    }
+}
+
+/// How a token is named in `logprobs` entries.
+#[derive(Clone, Copy)]
+pub struct TokenFormat {
+    pub as_token_ids: bool,
+}
+
+pub fn token_name(state: &AppState, id: u32, format: TokenFormat) -> String {
+    if format.as_token_ids {
+        format!("token_id:{id}")
+    } else {
+        state
+            .chat
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_default()
+    }
+}
+
+/// One OpenAI chat `logprobs.content` entry.
+pub fn chat_logprob_entry(
+    state: &AppState,
+    id: u32,
+    lp: f32,
+    top: &[(u32, f32)],
+    format: TokenFormat,
+) -> Value {
+    let alt: Vec<Value> = top
+        .iter()
+        .map(|&(t, l)| {
+            json!({
+                "token": token_name(state, t, format),
+                "logprob": finite(l),
+                "bytes": state.chat.tokenizer.token_bytes(t),
+            })
+        })
+        .collect();
+    json!({
+        "token": token_name(state, id, format),
+        "logprob": finite(lp),
+        "bytes": state.chat.tokenizer.token_bytes(id),
+        "top_logprobs": alt,
+    })
+}
+
+pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+pub fn finite_logprobs(lps: &[f32]) -> Vec<f32> {
+    lps.iter().copied().map(finite).collect()
+}
+
+/// A random response ID with the given prefix (`chatcmpl`, `cmpl`).
+pub fn response_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

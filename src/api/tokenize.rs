@@ -1,0 +1,95 @@
+//! `POST /tokenize` and `POST /detokenize` (vLLM's, at the server root).
+//! `/tokenize` with `messages` returns exactly the prompt a chat request with
+//! the same fields would be given, on-policy splice included.
+
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::types::normalize_messages;
+use super::AppState;
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<Value>>,
+    tools: Option<Value>,
+    add_generation_prompt: Option<bool>,
+    add_special_tokens: Option<bool>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+    required_prefix_token_ids: Option<Vec<u32>>,
+}
+
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.check_model(req.model.as_deref())?;
+    let tokens = match (req.messages, req.prompt) {
+        (Some(mut messages), _) => {
+            normalize_messages(&mut messages)?;
+            state.chat.encode_chat_on_policy(
+                &messages,
+                req.tools.as_ref().filter(|t| !t.is_null()),
+                req.add_generation_prompt.unwrap_or(true),
+                &req.chat_template_kwargs.unwrap_or_default(),
+                req.required_prefix_token_ids.as_deref(),
+            )?
+        }
+        (None, Some(prompt)) => {
+            let ids = state
+                .chat
+                .tokenizer
+                .encode(&prompt, req.add_special_tokens.unwrap_or(true))?;
+            match req.required_prefix_token_ids {
+                Some(mut prefix) => {
+                    prefix.extend(ids);
+                    prefix
+                }
+                None => ids,
+            }
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "give `prompt` or `messages`",
+                Some("prompt"),
+            ))
+        }
+    };
+    let token_strs: Vec<String> = tokens
+        .iter()
+        .map(|&t| state.chat.tokenizer.id_to_token(t).unwrap_or_default())
+        .collect();
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": state.max_model_len(),
+        "tokens": tokens,
+        "token_strs": token_strs,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<DetokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.check_model(req.model.as_deref())?;
+    let vocab = state.engine.limits().vocab_size;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad_request(
+            format!("token id {bad} is out of the vocabulary (size {vocab})"),
+            Some("tokens"),
+        ));
+    }
+    let prompt = state.chat.tokenizer.decode(&req.tokens, false)?;
+    Ok(Json(json!({ "prompt": prompt })))
+}

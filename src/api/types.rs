@@ -1,0 +1,167 @@
+//! Request fields shared by the generation endpoints, and their conversion to
+//! engine [`SamplingParams`].
+
+use super::error::ApiError;
+use crate::engine::{DistributionParams, LogprobsMode, SamplingParams};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Distinguishes a field sent as `null` (`Some(None)`) from one left out (`None`).
+pub fn explicit_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Sampling and output fields common to chat and text completions (OpenAI
+/// names plus vLLM's extensions). Unknown fields are ignored, as vLLM does.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingRequest {
+    pub model: Option<String>,
+    pub n: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub min_tokens: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Option<StopField>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
+    pub logprobs_mode: Option<LogprobsMode>,
+    pub return_tokens_as_token_ids: Option<bool>,
+    pub return_token_ids: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+    pub include_stop_str_in_output: Option<bool>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// Most alternatives a request may ask for per token (vLLM's default limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Server-wide defaults a request falls back on.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingDefaults {
+    pub logprobs_mode: LogprobsMode,
+    pub seed: Option<u64>,
+}
+
+impl SamplingRequest {
+    pub fn stop_strings(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
+    }
+
+    /// Engine parameters; `max_tokens` defaults to the rest of the context,
+    /// and the engine clamps any larger value to what fits.
+    pub fn sampling_params(
+        &self,
+        top_logprobs: usize,
+        defaults: SamplingDefaults,
+    ) -> Result<SamplingParams, ApiError> {
+        if top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(ApiError::bad_request(
+                format!("top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"),
+                Some("top_logprobs"),
+            ));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(k as usize),
+            Some(k) => {
+                return Err(ApiError::bad_request(
+                    format!("top_k must be -1 (disabled) or a positive integer, got {k}"),
+                    Some("top_k"),
+                ))
+            }
+        };
+        Ok(SamplingParams {
+            distribution: DistributionParams {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p.unwrap_or(1.0),
+                top_k,
+                min_p: self.min_p.unwrap_or(0.0),
+            },
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(usize::MAX),
+            min_tokens: self.min_tokens.unwrap_or(0),
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            seed: self.seed.or(defaults.seed),
+            n: self.n.unwrap_or(1),
+            logprobs_mode: self.logprobs_mode.unwrap_or(defaults.logprobs_mode),
+            top_logprobs,
+        })
+    }
+}
+
+/// OpenAI `content`: a string, null, or a list of `{"type": "text", "text"}` parts.
+/// Templates want a plain string, so parts are joined.
+pub fn flatten_content(message: &mut Value) -> Result<(), ApiError> {
+    let Some(content) = message.get_mut("content") else {
+        return Ok(());
+    };
+    if let Value::Array(parts) = content {
+        let mut text = String::new();
+        for part in parts.iter() {
+            match part.get("text").and_then(Value::as_str) {
+                Some(t) if part.get("type").and_then(Value::as_str) == Some("text") => {
+                    text.push_str(t)
+                }
+                _ => return Err(ApiError::bad_request(
+                    "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                    Some("messages"),
+                )),
+            }
+        }
+        *content = Value::String(text);
+    }
+    Ok(())
+}
+
+/// Checks each message is an object with a string `role`, and flattens content.
+pub fn normalize_messages(messages: &mut [Value]) -> Result<(), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    for (i, m) in messages.iter_mut().enumerate() {
+        if m.get("role").and_then(Value::as_str).is_none() {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}] must be an object with a string `role`"),
+                Some("messages"),
+            ));
+        }
+        flatten_content(m)?;
+    }
+    Ok(())
+}

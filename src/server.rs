@@ -1,0 +1,101 @@
+//! `gym-serve --model PATH`: load the checkpoint, start the engine thread,
+//! serve HTTP until SIGINT/SIGTERM, then let in-flight requests finish.
+
+use crate::api::types::SamplingDefaults;
+use crate::api::{router, AppState};
+use crate::cli::ServeArgs;
+use crate::engine::{EngineHandle, EngineOptions};
+use crate::loader::{run_dtype, select_device, LoadedModel};
+use anyhow::Context;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let model_dir = args
+        .model
+        .clone()
+        .context("--model PATH is required (a Hugging Face checkpoint directory)")?;
+    let device = select_device(args.gpu)?;
+    let dtype = run_dtype(&device);
+    tracing::info!(model = %model_dir.display(), ?device, ?dtype, "loading checkpoint");
+    let started = Instant::now();
+    let dir = model_dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&dir, &device, dtype))
+        .await
+        .context("loader thread")?
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    tracing::info!(
+        architecture = ?loaded.config.architecture,
+        parameters = loaded.store.len(),
+        megabytes = loaded.store.size_in_bytes() as f64 / 1e6,
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let chat = Arc::new(loaded.chat);
+    let engine = EngineHandle::spawn(
+        loaded.model,
+        chat.eos_token_ids().to_vec(),
+        EngineOptions {
+            max_model_len: args.max_model_len,
+            weight_version: Some(args.weight_version.clone()),
+        },
+    )?;
+    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| model_dir.display().to_string())
+    });
+    let state = Arc::new(AppState {
+        engine,
+        chat,
+        served_model_name,
+        model_root: model_dir.display().to_string(),
+        api_key: args.api_key.clone(),
+        reasoning_parser: args.reasoning_parser,
+        tool_call_parser: args.tool_call_parser,
+        defaults: SamplingDefaults {
+            logprobs_mode: args.logprobs_mode,
+            seed: args.seed,
+        },
+        initial_weight_version: args.weight_version.clone(),
+        created: crate::api::generation::unix_time(),
+    });
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model = %state.served_model_name, max_model_len = state.max_model_len(), "serving");
+    // Scripts and tests read the bound address (with --port 0) from stdout.
+    println!("gym-serve listening on http://{addr}");
+    std::io::stdout().flush().ok();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server")?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}
