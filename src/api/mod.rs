@@ -7,6 +7,7 @@ pub mod completions;
 pub mod error;
 pub mod generation;
 pub mod json;
+pub mod metrics;
 pub mod scoring;
 pub mod tokenize;
 pub mod types;
@@ -68,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics::metrics))
         .merge(protected)
         .fallback(not_found)
         .with_state(state)

@@ -5,6 +5,7 @@ use super::events::{EngineEvent, EventSender, TokenEvent};
 use super::params::{DistributionParams, LogprobsMode, SamplingParams};
 use super::sampler;
 use super::sequence::Sequence;
+use super::stats::EngineStats;
 use crate::model::{LogitsFor, Model, Segment};
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ pub struct EngineCore {
     eos_token_ids: Vec<u32>,
     running: Vec<Sequence>,
     weight_version: Arc<str>,
+    stats: Arc<EngineStats>,
 }
 
 /// A validated generation request (see [`super::EngineHandle::generate`]).
@@ -51,7 +53,12 @@ impl EngineCore {
             eos_token_ids,
             running: Vec::new(),
             weight_version: Arc::from(weight_version),
+            stats: Arc::new(EngineStats::default()),
         }
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
     }
 
     pub fn weight_version(&self) -> &Arc<str> {
@@ -74,7 +81,9 @@ impl EngineCore {
 
     /// Admits every choice of a request; they start in the next step.
     pub fn add(&mut self, job: GenerationJob) {
+        self.stats.add_prompt_tokens(job.prompt.len());
         for choice in 0..job.params.n {
+            self.stats.set_running(self.running.len() + 1);
             self.running.push(Sequence::new(
                 job.request_id,
                 choice,
@@ -124,6 +133,7 @@ impl EngineCore {
             }
         };
         let eos = &self.eos_token_ids;
+        let sampled = self.running.len();
         let mut still_running = Vec::with_capacity(self.running.len());
         for (mut seq, row) in self.running.drain(..).zip(logits) {
             let banned = seq.banned_tokens(eos);
@@ -151,7 +161,9 @@ impl EngineCore {
                 still_running.push(seq);
             }
         }
+        self.stats.record_step(sampled);
         self.running = still_running;
+        self.stats.set_running(self.running.len());
     }
 
     /// Teacher-forced log-probs of `token_ids[start..]`, from one fresh forward

@@ -9,10 +9,12 @@ pub mod events;
 pub mod params;
 pub mod sampler;
 pub mod sequence;
+pub mod stats;
 
 pub use self::core::ScoreOutput;
 use self::core::{EngineCore, GenerationJob, ScoreJob};
 use crate::model::Model;
+pub use stats::EngineStats;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +63,7 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     limits: Arc<EngineLimits>,
     next_request_id: Arc<AtomicU64>,
+    stats: Arc<EngineStats>,
 }
 
 /// Options for starting the engine thread.
@@ -90,6 +93,7 @@ impl EngineHandle {
         });
         let version = options.weight_version.unwrap_or_else(|| "0".to_string());
         let core = EngineCore::new(model, eos_token_ids, &version);
+        let stats = core.stats().clone();
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()
             .name("gym-serve-engine".into())
@@ -98,7 +102,12 @@ impl EngineHandle {
             commands: tx,
             limits,
             next_request_id: Arc::new(AtomicU64::new(1)),
+            stats,
         })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     pub fn limits(&self) -> &EngineLimits {

@@ -1,5 +1,8 @@
-//! Shared fixtures: tiny checkpoints written by `make-model` into temp dirs.
+//! Shared fixtures: tiny checkpoints written by `make-model` into temp dirs,
+//! and the real server started on them.
 #![allow(dead_code)]
+
+pub mod server;
 
 use candle_core::{DType, Device};
 use gym_serve::config::Architecture;
