@@ -31,14 +31,24 @@ fn gym_request(extra: Value) -> Value {
 
 #[test]
 fn gym_style_request_returns_three_agreeing_token_sources() {
-    let dir = common::write_model(&common::tiny_options(gym_serve::config::Architecture::Qwen3, 51));
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        51,
+    ));
     let server = Server::start(dir.path(), &[]);
     let body = gym_request(json!({}));
     let resp = server.ok("/v1/chat/completions", &body);
     assert_eq!(resp["weight_version"], "0");
-    let tokenized = server.ok("/tokenize", &json!({"model": "tiny", "messages": body["messages"]}));
+    let tokenized = server.ok(
+        "/tokenize",
+        &json!({"model": "tiny", "messages": body["messages"]}),
+    );
     let top_prompt = ids(&resp["prompt_token_ids"]);
-    assert_eq!(ids(&tokenized["tokens"]), top_prompt, "/tokenize == prompt_token_ids");
+    assert_eq!(
+        ids(&tokenized["tokens"]),
+        top_prompt,
+        "/tokenize == prompt_token_ids"
+    );
     assert_eq!(tokenized["count"], top_prompt.len());
     let choices = resp["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 2);
@@ -52,29 +62,60 @@ fn gym_style_request_returns_three_agreeing_token_sources() {
         let content = c["logprobs"]["content"].as_array().unwrap();
         let from_logprobs: Vec<u32> = content
             .iter()
-            .map(|e| e["token"].as_str().unwrap().strip_prefix("token_id:").unwrap().parse().unwrap())
+            .map(|e| {
+                e["token"]
+                    .as_str()
+                    .unwrap()
+                    .strip_prefix("token_id:")
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
             .collect();
-        assert_eq!(from_logprobs, gen, "token_id:N entries == generation_token_ids");
-        let entry_lps: Vec<f64> = content.iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+        assert_eq!(
+            from_logprobs, gen,
+            "token_id:N entries == generation_token_ids"
+        );
+        let entry_lps: Vec<f64> = content
+            .iter()
+            .map(|e| e["logprob"].as_f64().unwrap())
+            .collect();
         assert_eq!(entry_lps, lps);
-        assert!(content.iter().all(|e| e["top_logprobs"].as_array().unwrap().is_empty()));
+        assert!(content
+            .iter()
+            .all(|e| e["top_logprobs"].as_array().unwrap().is_empty()));
         assert!(lps.iter().all(|l| l.is_finite() && *l <= 0.0));
     }
-    assert_ne!(choices[0]["message"]["generation_token_ids"], choices[1]["message"]["generation_token_ids"]);
+    assert_ne!(
+        choices[0]["message"]["generation_token_ids"],
+        choices[1]["message"]["generation_token_ids"]
+    );
     // Same seed, same answer.
     let again = server.ok("/v1/chat/completions", &body);
-    assert_eq!(again["choices"][0]["message"], resp["choices"][0]["message"]);
+    assert_eq!(
+        again["choices"][0]["message"],
+        resp["choices"][0]["message"]
+    );
 }
 
 #[test]
 fn generation_log_probs_match_teacher_forced_scoring() {
-    let dir = common::write_model(&common::tiny_options(gym_serve::config::Architecture::Qwen3, 52));
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        52,
+    ));
     let server = Server::start(dir.path(), &[]);
     let mut total = 0.0f64;
     let mut count = 0usize;
     let mut worst = 0.0f64;
-    for (mode, temperature, top_p) in [("processed", 0.7, 0.9), ("raw", 1.0, 1.0), ("processed", 1.0, 1.0)] {
-        let body = gym_request(json!({"logprobs_mode": mode, "temperature": temperature, "top_p": top_p, "n": 3}));
+    for (mode, temperature, top_p) in [
+        ("processed", 0.7, 0.9),
+        ("raw", 1.0, 1.0),
+        ("processed", 1.0, 1.0),
+    ] {
+        let body = gym_request(
+            json!({"logprobs_mode": mode, "temperature": temperature, "top_p": top_p, "n": 3}),
+        );
         let resp = server.ok("/v1/chat/completions", &body);
         for c in resp["choices"].as_array().unwrap() {
             let prompt = ids(&c["message"]["prompt_token_ids"]);
@@ -97,12 +138,18 @@ fn generation_log_probs_match_teacher_forced_scoring() {
     }
     let token_mult_prob_error = total / count as f64;
     assert!(worst <= 1e-4, "max |generation - teacher forced| = {worst}");
-    assert!(token_mult_prob_error < 1.0001, "mean exp(|diff|) = {token_mult_prob_error}");
+    assert!(
+        token_mult_prob_error < 1.0001,
+        "mean exp(|diff|) = {token_mult_prob_error}"
+    );
 }
 
 #[test]
 fn streaming_chunks_carry_each_token_and_final_fields() {
-    let dir = common::write_model(&common::tiny_options(gym_serve::config::Architecture::Qwen3, 53));
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        53,
+    ));
     let server = Server::start(dir.path(), &[]);
     let body = gym_request(json!({"stream": true, "stream_options": {"include_usage": true}}));
     let chunks = server.stream("/v1/chat/completions", &body);
@@ -113,30 +160,58 @@ fn streaming_chunks_carry_each_token_and_final_fields() {
             .flat_map(|c| c["choices"].as_array().unwrap())
             .filter(|c| c["index"] == choice)
             .collect();
-        let streamed_ids: Vec<u32> = mine.iter().filter(|c| c.get("token_ids").is_some()).flat_map(|c| ids(&c["token_ids"])).collect();
+        let streamed_ids: Vec<u32> = mine
+            .iter()
+            .filter(|c| c.get("token_ids").is_some())
+            .flat_map(|c| ids(&c["token_ids"]))
+            .collect();
         let last = mine.last().unwrap();
         assert!(last["finish_reason"].is_string());
         let final_ids = ids(&last["delta"]["generation_token_ids"]);
-        assert_eq!(streamed_ids, final_ids, "chunks add up to the final generation_token_ids");
+        assert_eq!(
+            streamed_ids, final_ids,
+            "chunks add up to the final generation_token_ids"
+        );
         // Streaming and non-streaming give the same tokens for the same seed.
-        assert_eq!(final_ids, ids(&full["choices"][choice as usize]["message"]["generation_token_ids"]));
-        assert_eq!(ids(&last["delta"]["prompt_token_ids"]), ids(&full["prompt_token_ids"]));
+        assert_eq!(
+            final_ids,
+            ids(&full["choices"][choice as usize]["message"]["generation_token_ids"])
+        );
+        assert_eq!(
+            ids(&last["delta"]["prompt_token_ids"]),
+            ids(&full["prompt_token_ids"])
+        );
         let lps: Vec<f64> = mine
             .iter()
             .filter(|c| !c["logprobs"].is_null())
-            .flat_map(|c| c["logprobs"]["content"].as_array().unwrap().iter().map(|e| e["logprob"].as_f64().unwrap()))
+            .flat_map(|c| {
+                c["logprobs"]["content"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["logprob"].as_f64().unwrap())
+            })
             .collect();
         assert_eq!(lps, floats(&last["delta"]["generation_log_probs"]));
     }
     let usage = &chunks.last().unwrap()["usage"];
-    assert_eq!(usage["prompt_tokens"].as_u64().unwrap() as usize, ids(&full["prompt_token_ids"]).len());
+    assert_eq!(
+        usage["prompt_tokens"].as_u64().unwrap() as usize,
+        ids(&full["prompt_token_ids"]).len()
+    );
 }
 
 #[test]
 fn completions_accept_text_ids_and_batches() {
-    let dir = common::write_model(&common::tiny_options(gym_serve::config::Architecture::Qwen3, 54));
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        54,
+    ));
     let server = Server::start(dir.path(), &[]);
-    let text = server.ok("/v1/completions", &json!({"prompt": "The cat sat", "max_tokens": 5, "seed": 1, "echo": true, "logprobs": 2}));
+    let text = server.ok(
+        "/v1/completions",
+        &json!({"prompt": "The cat sat", "max_tokens": 5, "seed": 1, "echo": true, "logprobs": 2}),
+    );
     let c = &text["choices"][0];
     assert!(c["text"].as_str().unwrap().starts_with("The cat sat"));
     let prompt = ids(&c["prompt_token_ids"]);
@@ -147,15 +222,29 @@ fn completions_accept_text_ids_and_batches() {
     assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len() + 5);
     assert!(lp["token_logprobs"][0].is_null());
 
-    let by_ids = server.ok("/v1/completions", &json!({"prompt": prompt, "max_tokens": 5, "seed": 1, "prompt_logprobs": 1}));
-    assert_eq!(by_ids["choices"][0]["generation_token_ids"], c["generation_token_ids"], "ids or text: same prompt, same output");
+    let by_ids = server.ok(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 5, "seed": 1, "prompt_logprobs": 1}),
+    );
+    assert_eq!(
+        by_ids["choices"][0]["generation_token_ids"], c["generation_token_ids"],
+        "ids or text: same prompt, same output"
+    );
     let plp = by_ids["choices"][0]["prompt_logprobs"].as_array().unwrap();
     assert_eq!(plp.len(), prompt.len());
     assert!(plp[0].is_null());
     assert!(plp[1].get(prompt[1].to_string()).is_some());
 
-    let batch = server.ok("/v1/completions", &json!({"prompt": ["a b", "c d e"], "max_tokens": 3, "n": 2, "seed": 3}));
-    let indices: Vec<u64> = batch["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    let batch = server.ok(
+        "/v1/completions",
+        &json!({"prompt": ["a b", "c d e"], "max_tokens": 3, "n": 2, "seed": 3}),
+    );
+    let indices: Vec<u64> = batch["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(indices, vec![0, 1, 2, 3]);
     let detok = server.ok("/detokenize", &json!({"tokens": prompt}));
     assert_eq!(detok["prompt"], "The cat sat");

@@ -6,7 +6,7 @@ use super::generation::{
     chat_logprob_entry, finite_logprobs, response_id, unix_time, usage, ChoiceState, Progress,
     RunOptions, Runner, TokenFormat,
 };
-use super::json::ApiJson;
+use super::json::{from_body, ApiJson};
 use super::types::{explicit_null, normalize_messages, SamplingRequest};
 use super::AppState;
 use crate::chat::parsers::{parse_output, ParsedOutput, ReasoningParser, ToolCallParser};
@@ -33,7 +33,9 @@ pub struct ChatRequest {
     add_generation_prompt: Option<bool>,
     chat_template_kwargs: Option<Map<String, Value>>,
     required_prefix_token_ids: Option<Vec<u32>>,
-    #[serde(flatten)]
+    /// Read separately from the same body (not `flatten`, which loses field
+    /// names in errors).
+    #[serde(skip)]
     sampling: SamplingRequest,
 }
 
@@ -51,8 +53,10 @@ struct ChatPlan {
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    ApiJson(mut req): ApiJson<ChatRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let mut req: ChatRequest = from_body(&body)?;
+    req.sampling = from_body(&body)?;
     state.check_model(req.sampling.model.as_deref())?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = match req.top_logprobs {

@@ -6,7 +6,7 @@ use super::generation::{
     finite, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState, RunOptions,
     Runner, TokenFormat,
 };
-use super::json::ApiJson;
+use super::json::{from_body, ApiJson};
 use super::types::SamplingRequest;
 use super::AppState;
 use crate::engine::{DistributionParams, LogprobsMode, ScoreOutput};
@@ -38,7 +38,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     echo: bool,
     prompt_logprobs: Option<usize>,
-    #[serde(flatten)]
+    /// Read separately from the same body (not `flatten`, which loses field
+    /// names in errors).
+    #[serde(skip)]
     sampling: SamplingRequest,
 }
 
@@ -54,8 +56,10 @@ struct Plan {
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    let mut req: CompletionRequest = from_body(&body)?;
+    req.sampling = from_body(&body)?;
     state.check_model(req.sampling.model.as_deref())?;
     let tokenizer = &state.chat.tokenizer;
     let prompts: Vec<Vec<u32>> = match req.prompt {

@@ -13,7 +13,7 @@ pub enum ApiError {
     #[error("{message}")]
     BadRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<String>,
     },
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
@@ -28,10 +28,10 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
         ApiError::BadRequest {
             message: message.into(),
-            param,
+            param: param.map(str::to_string),
         }
     }
 
@@ -53,9 +53,9 @@ impl ApiError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
-            ApiError::BadRequest { param, .. } => *param,
+            ApiError::BadRequest { param, .. } => param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),
             ApiError::Engine(EngineError::InvalidParam(p)) => Some(p.param),
             ApiError::Engine(EngineError::InvalidStart { .. }) => Some("start"),

@@ -1,5 +1,6 @@
 //! A JSON body extractor whose rejections are OpenAI error bodies (400), not
-//! axum's plain-text ones.
+//! axum's plain-text ones, and [`from_body`] for reading several views of one
+//! body with errors that name the offending field.
 
 use super::error::ApiError;
 use axum::extract::rejection::JsonRejection;
@@ -32,4 +33,14 @@ fn rejection_message(r: &JsonRejection) -> String {
         }
         other => other.body_text(),
     }
+}
+
+/// Reads `T` from a parsed body; an error names the field path (`temperature`,
+/// `messages[0].content`) in the message and in `param`.
+pub fn from_body<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = format!("Invalid value for `{path}`: {}", e.inner());
+        ApiError::bad_request(message, (path != ".").then_some(path.as_str()))
+    })
 }

@@ -33,12 +33,25 @@ impl Collector for EngineCollector {
             gauge.metric_type(),
         )?)?;
         for (name, help, value) in [
-            ("gym_serve_prompt_tokens", "Prompt tokens admitted", stats.prompt_tokens()),
-            ("gym_serve_generation_tokens", "Tokens generated", stats.generation_tokens()),
+            (
+                "gym_serve_prompt_tokens",
+                "Prompt tokens admitted",
+                stats.prompt_tokens(),
+            ),
+            (
+                "gym_serve_generation_tokens",
+                "Tokens generated",
+                stats.generation_tokens(),
+            ),
             ("gym_serve_engine_steps", "Engine steps run", stats.steps()),
         ] {
             let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
         }
         Ok(())
     }
@@ -58,7 +71,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         return super::error::ApiError::Internal(format!("encoding metrics: {e}")).into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response()

@@ -33,6 +33,7 @@ impl EngineStats {
     }
     pub(crate) fn record_step(&self, generated: usize) {
         self.steps.fetch_add(1, Ordering::Relaxed);
-        self.generation_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        self.generation_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
     }
 }

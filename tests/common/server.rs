@@ -26,7 +26,9 @@ impl Server {
             .expect("start gym-serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address");
         let base = line
             .trim()
             .strip_prefix("gym-serve listening on ")
@@ -48,10 +50,18 @@ impl Server {
 
     /// POSTs JSON; returns the status and the parsed body.
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self.http.post(self.url(path)).json(body).send().expect("request");
+        let resp = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// POSTs JSON and asserts success.
@@ -68,10 +78,18 @@ impl Server {
 
     /// Streams a request and returns every `data:` payload but `[DONE]`, parsed.
     pub fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
-        let resp = self.http.post(self.url(path)).json(body).send().expect("request");
+        let resp = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .expect("request");
         assert_eq!(resp.status().as_u16(), 200);
         let text = resp.text().expect("body");
-        assert!(text.trim_end().ends_with("data: [DONE]"), "stream did not end with [DONE]: {text}");
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "stream did not end with [DONE]: {text}"
+        );
         text.lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .filter(|d| *d != "[DONE]")
