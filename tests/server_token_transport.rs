@@ -249,3 +249,34 @@ fn completions_accept_text_ids_and_batches() {
     let detok = server.ok("/detokenize", &json!({"tokens": prompt}));
     assert_eq!(detok["prompt"], "The cat sat");
 }
+
+#[test]
+fn stop_strings_cut_the_text_and_keep_the_tokens_that_made_it() {
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        55,
+    ));
+    let server = Server::start(dir.path(), &[]);
+    let body = json!({"prompt": "Numbers: one two three", "max_tokens": 40, "seed": 8, "ignore_eos": true});
+    let plain = server.ok("/v1/completions", &body);
+    let text = plain["choices"][0]["text"].as_str().unwrap().to_string();
+    let all_ids = ids(&plain["choices"][0]["generation_token_ids"]);
+    // A stop string from the middle of what the model writes anyway.
+    let mid = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= text.len() / 2)
+        .unwrap();
+    let stop: String = text[mid..].chars().take(3).collect();
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!([stop]);
+    let cut = server.ok("/v1/completions", &with_stop);
+    let c = &cut["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["stop_reason"], json!(stop));
+    let cut_text = c["text"].as_str().unwrap();
+    assert_eq!(cut_text, &text[..text.find(&stop).unwrap()]);
+    let cut_ids = ids(&c["generation_token_ids"]);
+    assert!(all_ids.starts_with(&cut_ids) && cut_ids.len() < all_ids.len());
+    assert_eq!(floats(&c["generation_log_probs"]).len(), cut_ids.len());
+}
