@@ -65,6 +65,18 @@ pub struct ServeArgs {
     /// Label of the weights loaded at start.
     #[arg(long, default_value = "0", env = "GYM_SERVE_WEIGHT_VERSION")]
     pub weight_version: String,
+    /// Tokens the KV pool holds (default: a fifth of system memory, at most 131072).
+    #[arg(long, env = "GYM_SERVE_KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<usize>,
+    /// Tokens per KV block (prefix caching works in whole blocks).
+    #[arg(long, default_value_t = 16, env = "GYM_SERVE_BLOCK_SIZE")]
+    pub block_size: usize,
+    /// Token budget of one engine step; long prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 2048, env = "GYM_SERVE_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256, env = "GYM_SERVE_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
     /// Run on the GPU (needs the cuda or metal feature).
     #[arg(long, env = "GYM_SERVE_GPU")]
     pub gpu: bool,

@@ -39,6 +39,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         EngineOptions {
             max_model_len: args.max_model_len,
             weight_version: Some(args.weight_version.clone()),
+            kv_cache_tokens: args.kv_cache_tokens,
+            block_size: Some(args.block_size),
+            max_num_batched_tokens: Some(args.max_num_batched_tokens),
+            max_num_seqs: Some(args.max_num_seqs),
         },
     )?;
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {

@@ -92,10 +92,18 @@ fn gym_style_request_returns_three_agreeing_token_sources() {
     );
     // Same seed, same answer.
     let again = server.ok("/v1/chat/completions", &body);
-    assert_eq!(
-        again["choices"][0]["message"],
-        resp["choices"][0]["message"]
+    let (a, b) = (
+        &again["choices"][0]["message"],
+        &resp["choices"][0]["message"],
     );
+    assert_eq!(a["generation_token_ids"], b["generation_token_ids"]);
+    // The repeat hits the prefix cache: log-probs agree to float rounding.
+    for (x, y) in floats(&a["generation_log_probs"])
+        .iter()
+        .zip(floats(&b["generation_log_probs"]))
+    {
+        assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+    }
 }
 
 #[test]

@@ -1,19 +1,46 @@
-//! The engine loop's state: the model and the running sequences. Owned by one
-//! thread; everything else talks to it through [`super::EngineHandle`].
+//! The engine loop's state: the model, the KV pool, and the sequences, waiting
+//! and running. Owned by one thread; everything else talks to it through
+//! [`super::EngineHandle`].
+//!
+//! Each [`EngineCore::step`] is one continuous-batching iteration: every
+//! running sequence that is decoding gets one token of the step's budget, then
+//! unfinished prefills and newly admitted sequences get chunks of what is
+//! left (so a long prompt never stalls decoding), one forward pass runs them
+//! all, and every sequence that reached the end of its known tokens samples.
 
+use super::block_pool::{version_seed, BlockPool};
 use super::events::{EngineEvent, EventSender, TokenEvent};
 use super::params::{DistributionParams, LogprobsMode, SamplingParams};
 use super::sampler;
 use super::sequence::Sequence;
 use super::stats::EngineStats;
-use crate::model::{LogitsFor, Model, Segment};
+use crate::model::{KvPool, LogitsFor, Model, Segment};
+use rayon::prelude::*;
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+/// Sizes of the scheduler and the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Token budget of one step (decode tokens plus prefill chunks).
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+}
 
 pub struct EngineCore {
     model: Model,
     eos_token_ids: Vec<u32>,
+    pool: KvPool,
+    blocks: BlockPool,
+    config: SchedulerConfig,
+    waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    next_arrival: u64,
     weight_version: Arc<str>,
+    hash_seed: u64,
     stats: Arc<EngineStats>,
 }
 
@@ -46,15 +73,33 @@ pub struct ScoreOutput {
     pub weight_version: Arc<str>,
 }
 
+/// One sequence's share of a step: run `len` tokens from `num_computed`.
+struct Planned {
+    index: usize,
+    len: usize,
+}
+
 impl EngineCore {
-    pub fn new(model: Model, eos_token_ids: Vec<u32>, weight_version: &str) -> Self {
-        Self {
+    pub fn new(
+        model: Model,
+        eos_token_ids: Vec<u32>,
+        weight_version: &str,
+        config: SchedulerConfig,
+    ) -> candle_core::Result<Self> {
+        let pool = model.new_pool(config.num_blocks, config.block_size)?;
+        Ok(Self {
             model,
             eos_token_ids,
+            pool,
+            blocks: BlockPool::new(config.num_blocks, config.block_size),
+            config,
+            waiting: VecDeque::new(),
             running: Vec::new(),
+            next_arrival: 0,
             weight_version: Arc::from(weight_version),
+            hash_seed: version_seed(weight_version),
             stats: Arc::new(EngineStats::default()),
-        }
+        })
     }
 
     pub fn stats(&self) -> &Arc<EngineStats> {
@@ -65,120 +110,335 @@ impl EngineCore {
         &self.weight_version
     }
 
-    /// Drops the sequences of a request (one choice, or all of them).
-    pub fn cancel(&mut self, request_id: u64, choice: Option<usize>) {
-        self.running
-            .retain(|s| s.request_id != request_id || choice.is_some_and(|c| c != s.choice));
-    }
-
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty()
+        !self.running.is_empty() || !self.waiting.is_empty()
     }
 
     pub fn running_sequences(&self) -> usize {
         self.running.len()
     }
 
-    /// Admits every choice of a request; they start in the next step.
+    pub fn waiting_sequences(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Blocks referenced by some sequence.
+    pub fn used_blocks(&self) -> usize {
+        self.blocks.num_used()
+    }
+
+    /// Prompt tokens served from the prefix cache, and prompt tokens computed.
+    pub fn prefix_counters(&self) -> (u64, u64) {
+        self.blocks.prefix_counters()
+    }
+
+    pub fn reset_prefix_cache(&mut self) {
+        self.blocks.reset_prefix_cache();
+    }
+
+    fn publish_stats(&self) {
+        let (hits, computed) = self.blocks.prefix_counters();
+        self.stats
+            .set_queues(self.running.len(), self.waiting.len());
+        self.stats
+            .set_blocks(self.blocks.num_used(), self.blocks.num_free());
+        self.stats.set_prefix(hits, computed);
+    }
+
+    /// Queues every choice of a request; they are admitted as blocks allow.
     pub fn add(&mut self, job: GenerationJob) {
         self.stats.add_prompt_tokens(job.prompt.len());
         for choice in 0..job.params.n {
-            self.stats.set_running(self.running.len() + 1);
-            self.running.push(Sequence::new(
+            self.next_arrival += 1;
+            self.waiting.push_back(Sequence::new(
                 job.request_id,
                 choice,
+                self.next_arrival,
                 job.prompt.clone(),
                 job.seed,
                 job.params.clone(),
                 job.budget,
-                self.model.new_cache(),
                 job.events.clone(),
             ));
         }
+        self.publish_stats();
     }
 
-    /// One engine step: a forward pass over the pending tokens of every running
-    /// sequence, then one sampled token for each.
-    pub fn step(&mut self) {
-        if self.running.is_empty() {
-            return;
+    /// Drops the sequences of a request (one choice, or all of them).
+    pub fn cancel(&mut self, request_id: u64, choice: Option<usize>) {
+        let matches =
+            |s: &Sequence| s.request_id == request_id && choice.is_none_or(|c| c == s.choice);
+        let blocks = &mut self.blocks;
+        self.running.retain_mut(|s| {
+            if matches(s) {
+                s.free_blocks(blocks);
+                false
+            } else {
+                true
+            }
+        });
+        self.waiting.retain_mut(|s| {
+            if matches(s) {
+                s.free_blocks(blocks);
+                false
+            } else {
+                true
+            }
+        });
+        self.publish_stats();
+    }
+
+    /// Gives `seq` blocks for `upto` positions; false if the pool is out.
+    fn reserve(blocks: &mut BlockPool, seq: &mut Sequence, upto: usize) -> bool {
+        let needed = upto.div_ceil(blocks.block_size());
+        if needed.saturating_sub(seq.block_table.len()) > blocks.num_free() {
+            return false;
         }
-        let pending: Vec<Vec<u32>> = self
+        while seq.block_table.len() < needed {
+            match blocks.allocate() {
+                Some(b) => seq.block_table.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Frees the youngest running sequence's blocks and sends it back to the
+    /// queue to be recomputed later. Returns false if none is left to preempt.
+    fn preempt_youngest(&mut self, protect: usize) -> bool {
+        let Some((index, _)) = self
             .running
             .iter()
-            .map(|s| s.pending_tokens().to_vec())
-            .collect();
-        let mut segments: Vec<Segment<'_>> = self
-            .running
-            .iter_mut()
-            .zip(&pending)
-            .map(|(seq, tokens)| Segment {
-                tokens,
-                cache: &mut seq.cache,
-                logits: LogitsFor::Last,
+            .enumerate()
+            .filter(|(i, _)| *i != protect)
+            .max_by_key(|(_, s)| s.arrival)
+        else {
+            return false;
+        };
+        let mut seq = self.running.remove(index);
+        seq.free_blocks(&mut self.blocks);
+        self.stats.record_preemption();
+        // Back in arrival order, ahead of anything that came later.
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.arrival > seq.arrival)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+        true
+    }
+
+    /// Decides this step's work: decode tokens first, then prefill chunks.
+    fn schedule(&mut self) -> Vec<Planned> {
+        let mut budget = self.config.max_num_batched_tokens;
+        self.running.sort_by_key(|s| s.arrival);
+        let mut planned: Vec<(u64, usize)> = Vec::new(); // (arrival, len)
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let want = self.running[i].uncomputed().min(budget);
+            let upto = self.running[i].num_computed + want;
+            loop {
+                let (blocks, seq) = (&mut self.blocks, &mut self.running[i]);
+                if Self::reserve(blocks, seq, upto) {
+                    planned.push((seq.arrival, want));
+                    budget -= want;
+                    i += 1;
+                    break;
+                }
+                if !self.preempt_youngest(i) {
+                    // Nothing else to free: this one waits its turn instead.
+                    let before = self.running.len();
+                    self.preempt_at(i);
+                    debug_assert!(self.running.len() < before);
+                    break;
+                }
+                // The preempted sequence was younger, so index i is unchanged.
+            }
+        }
+        // Admit waiting sequences while the budget and the pool allow.
+        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            let bs = self.blocks.block_size();
+            seq.hash_full_blocks(self.hash_seed, bs);
+            // Reuse cached full blocks, always leaving the last token to compute.
+            let reusable = (seq.tokens.len() - 1) / bs;
+            for &h in seq.block_hashes.iter().take(reusable) {
+                match self.blocks.lookup(h) {
+                    Some(b) => seq.block_table.push(b),
+                    None => break,
+                }
+            }
+            seq.num_computed = seq.block_table.len() * bs;
+            let want = seq.uncomputed().min(budget);
+            let upto = seq.num_computed + want;
+            if !Self::reserve(&mut self.blocks, &mut seq, upto) {
+                seq.free_blocks(&mut self.blocks);
+                self.waiting.push_front(seq);
+                break;
+            }
+            self.blocks
+                .record_prompt(seq.num_computed, seq.uncomputed());
+            planned.push((seq.arrival, want));
+            budget -= want;
+            self.running.push(seq);
+        }
+        self.running.sort_by_key(|s| s.arrival);
+        planned
+            .into_iter()
+            .filter_map(|(arrival, len)| {
+                self.running
+                    .iter()
+                    .position(|s| s.arrival == arrival)
+                    .map(|index| Planned { index, len })
             })
+            .filter(|p| p.len > 0)
+            .collect()
+    }
+
+    fn preempt_at(&mut self, index: usize) {
+        let mut seq = self.running.remove(index);
+        seq.free_blocks(&mut self.blocks);
+        self.stats.record_preemption();
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.arrival > seq.arrival)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    /// One engine step.
+    pub fn step(&mut self) {
+        let plan = self.schedule();
+        if plan.is_empty() {
+            self.publish_stats();
+            return;
+        }
+        let chunks: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|p| {
+                let s = &self.running[p.index];
+                s.tokens[s.num_computed..s.num_computed + p.len].to_vec()
+            })
+            .collect();
+        let segments: Vec<Segment<'_>> = plan
+            .iter()
+            .zip(&chunks)
+            .map(|(p, tokens)| {
+                let s = &self.running[p.index];
+                let done = s.num_computed + p.len == s.tokens.len();
+                Segment {
+                    tokens,
+                    offset: s.num_computed,
+                    block_table: &s.block_table,
+                    logits: if done {
+                        LogitsFor::Last
+                    } else {
+                        LogitsFor::Nothing
+                    },
+                }
+            })
+            .collect();
+        let samplers: Vec<usize> = plan
+            .iter()
+            .filter(|p| {
+                let s = &self.running[p.index];
+                s.num_computed + p.len == s.tokens.len()
+            })
+            .map(|p| p.index)
             .collect();
         let logits = self
             .model
-            .forward(&mut segments)
+            .forward(&segments, &self.pool)
             .and_then(|l| l.to_vec2::<f32>());
-        let logits = match logits {
+        drop(segments);
+        let rows = match logits {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed; failing running requests");
-                for seq in self.running.drain(..) {
+                for mut seq in self.running.drain(..) {
+                    seq.free_blocks(&mut self.blocks);
                     let _ = seq.events.send(EngineEvent::Failed(e.to_string()));
                 }
+                self.publish_stats();
                 return;
             }
         };
+        let bs = self.blocks.block_size();
+        for p in &plan {
+            let seq = &mut self.running[p.index];
+            seq.num_computed += p.len;
+            seq.hash_full_blocks(self.hash_seed, bs);
+            for b in 0..seq.num_computed / bs {
+                self.blocks
+                    .register(seq.block_table[b], seq.block_hashes[b]);
+            }
+        }
+        // Sample every sequence that reached its end, in parallel: each draws
+        // from its own RNG, so the result does not depend on the batch.
+        let mut row_of = vec![None; self.running.len()];
+        for (row, &index) in rows.into_iter().zip(&samplers) {
+            row_of[index] = Some(row);
+        }
         let eos = &self.eos_token_ids;
-        let sampled = self.running.len();
-        let mut still_running = Vec::with_capacity(self.running.len());
-        for (mut seq, row) in self.running.drain(..).zip(logits) {
-            let banned = seq.banned_tokens(eos);
-            let params = seq.params.clone();
-            let sampled = sampler::sample(
-                &row,
-                &params.distribution,
-                params.logprobs_mode,
-                &banned,
-                params.top_logprobs,
-                &mut seq.rng,
-            );
-            seq.generated.push(sampled.token);
-            let finish = seq.finish_after(sampled.token, eos);
+        let sampled: Vec<Option<sampler::SampledToken>> = self
+            .running
+            .par_iter_mut()
+            .zip(row_of.par_iter())
+            .map(|(seq, row)| {
+                let row = row.as_ref()?;
+                let banned = seq.banned_tokens(eos);
+                let p = seq.params.clone();
+                Some(sampler::sample(
+                    row,
+                    &p.distribution,
+                    p.logprobs_mode,
+                    &banned,
+                    p.top_logprobs,
+                    &mut seq.rng,
+                ))
+            })
+            .collect();
+        let mut generated = 0;
+        let mut keep = Vec::with_capacity(self.running.len());
+        for (mut seq, sampled) in self.running.drain(..).zip(sampled) {
+            let Some(s) = sampled else {
+                keep.push(seq);
+                continue;
+            };
+            generated += 1;
+            seq.tokens.push(s.token);
+            let finish = seq.finish_after(s.token, eos);
             let event = EngineEvent::Token(TokenEvent {
                 choice: seq.choice,
-                token: sampled.token,
-                logprob: sampled.logprob,
-                top_logprobs: sampled.top_logprobs,
+                token: s.token,
+                logprob: s.logprob,
+                top_logprobs: s.top_logprobs,
                 finish,
                 weight_version: self.weight_version.clone(),
             });
             // A closed channel means the client went away: drop the sequence.
             if seq.events.send(event).is_ok() && finish.is_none() {
-                still_running.push(seq);
+                keep.push(seq);
+            } else {
+                seq.free_blocks(&mut self.blocks);
             }
         }
-        self.stats.record_step(sampled);
-        self.running = still_running;
-        self.stats.set_running(self.running.len());
+        self.running = keep;
+        self.stats
+            .record_step(generated, chunks.iter().map(Vec::len).sum());
+        self.publish_stats();
     }
 
     /// Teacher-forced log-probs of `token_ids[start..]`, from one fresh forward
     /// pass (no cache reuse).
     pub fn score(&self, job: &ScoreJob) -> candle_core::Result<ScoreOutput> {
         let tokens = &job.token_ids;
-        let mut cache = self.model.new_cache();
-        let logits = self.model.forward(&mut [Segment {
-            tokens,
-            cache: &mut cache,
-            logits: LogitsFor::Range {
-                from: job.start - 1,
-                to: tokens.len() - 1,
-            },
-        }])?;
+        let logits = self
+            .model
+            .logits_range(tokens, job.start - 1, tokens.len() - 1)?;
         let rows = logits.to_vec2::<f32>()?;
         let mut out = ScoreOutput {
             token_logprobs: Vec::with_capacity(rows.len()),

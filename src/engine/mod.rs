@@ -4,6 +4,7 @@
 //! Requests are validated on the caller's side of the channel, so a bad request
 //! is answered at once and never reaches the engine thread.
 
+pub mod block_pool;
 pub mod core;
 pub mod events;
 pub mod params;
@@ -12,7 +13,7 @@ pub mod sequence;
 pub mod stats;
 
 pub use self::core::ScoreOutput;
-use self::core::{EngineCore, GenerationJob, ScoreJob};
+use self::core::{EngineCore, GenerationJob, SchedulerConfig, ScoreJob};
 use crate::model::Model;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
@@ -69,10 +70,40 @@ pub struct EngineHandle {
 /// Options for starting the engine thread.
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
-    /// Longest prompt + generation; clamped to the model's position tables.
+    /// Longest prompt + generation; clamped to the model's position tables
+    /// and to the KV pool.
     pub max_model_len: Option<usize>,
     /// Label of the weights the engine starts with (default "0").
     pub weight_version: Option<String>,
+    /// Tokens the KV pool holds (default: a fifth of system memory, at most 131072).
+    pub kv_cache_tokens: Option<usize>,
+    /// Tokens per KV block (default 16).
+    pub block_size: Option<usize>,
+    /// Token budget of one engine step (default 2048).
+    pub max_num_batched_tokens: Option<usize>,
+    /// Most sequences running at once (default 256).
+    pub max_num_seqs: Option<usize>,
+}
+
+/// Share of system memory the KV pool takes by default.
+const DEFAULT_KV_MEMORY_FRACTION: f64 = 0.2;
+const MAX_DEFAULT_KV_TOKENS: usize = 131_072;
+
+fn total_memory_bytes() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30)
+}
+
+fn default_kv_tokens(bytes_per_token: usize) -> usize {
+    let budget = total_memory_bytes() as f64 * DEFAULT_KV_MEMORY_FRACTION;
+    ((budget / bytes_per_token.max(1) as f64) as usize).clamp(1024, MAX_DEFAULT_KV_TOKENS)
 }
 
 impl EngineHandle {
@@ -82,22 +113,40 @@ impl EngineHandle {
         model: Model,
         eos_token_ids: Vec<u32>,
         options: EngineOptions,
-    ) -> std::io::Result<Self> {
-        let max_positions = model.max_positions();
+    ) -> Result<Self, EngineError> {
+        let block_size = options.block_size.unwrap_or(16).max(1);
+        let kv_tokens = options
+            .kv_cache_tokens
+            .unwrap_or_else(|| default_kv_tokens(model.kv_bytes_per_token()));
+        let num_blocks = kv_tokens.div_ceil(block_size).max(1);
+        let max_len = model.max_positions().min(num_blocks * block_size);
         let limits = Arc::new(EngineLimits {
             vocab_size: model.config().vocab_size,
-            max_model_len: options
-                .max_model_len
-                .map_or(max_positions, |m| m.min(max_positions)),
+            max_model_len: options.max_model_len.map_or(max_len, |m| m.min(max_len)),
             eos_token_ids: eos_token_ids.clone(),
         });
+        let config = SchedulerConfig {
+            block_size,
+            num_blocks,
+            max_num_batched_tokens: options.max_num_batched_tokens.unwrap_or(2048).max(1),
+            max_num_seqs: options.max_num_seqs.unwrap_or(256).max(1),
+        };
+        tracing::info!(
+            kv_blocks = num_blocks,
+            block_size,
+            kv_megabytes = (num_blocks * block_size * model.kv_bytes_per_token()) as f64 / 1e6,
+            max_model_len = limits.max_model_len,
+            "KV pool"
+        );
         let version = options.weight_version.unwrap_or_else(|| "0".to_string());
-        let core = EngineCore::new(model, eos_token_ids, &version);
+        let core = EngineCore::new(model, eos_token_ids, &version, config)
+            .map_err(|e| EngineError::Failed(format!("allocating the KV pool: {e}")))?;
         let stats = core.stats().clone();
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()
             .name("gym-serve-engine".into())
-            .spawn(move || run_loop(core, rx))?;
+            .spawn(move || run_loop(core, rx))
+            .map_err(|e| EngineError::Failed(format!("starting the engine thread: {e}")))?;
         Ok(Self {
             commands: tx,
             limits,

@@ -1,8 +1,8 @@
 //! One choice of one request as the engine runs it.
 
+use super::block_pool::{chain_hash, BlockPool};
 use super::events::{EventSender, FinishReason};
 use super::params::SamplingParams;
-use crate::model::KvCache;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -10,9 +10,16 @@ use std::sync::Arc;
 pub struct Sequence {
     pub request_id: u64,
     pub choice: usize,
-    pub prompt: Vec<u32>,
-    pub generated: Vec<u32>,
-    pub cache: KvCache,
+    /// Admission order: the youngest sequence is preempted first.
+    pub arrival: u64,
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose keys and values are in the pool.
+    pub num_computed: usize,
+    pub block_table: Vec<u32>,
+    /// Prefix-cache hashes of the leading full blocks (a chain).
+    pub block_hashes: Vec<u64>,
     pub rng: ChaCha8Rng,
     pub params: Arc<SamplingParams>,
     /// Most tokens this sequence may generate (max_tokens clamped to the context).
@@ -27,11 +34,11 @@ impl Sequence {
     pub fn new(
         request_id: u64,
         choice: usize,
+        arrival: u64,
         prompt: Vec<u32>,
         seed: u64,
         params: Arc<SamplingParams>,
         budget: usize,
-        cache: KvCache,
         events: EventSender,
     ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -39,9 +46,12 @@ impl Sequence {
         Self {
             request_id,
             choice,
-            prompt,
-            generated: Vec::new(),
-            cache,
+            arrival,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            block_table: Vec::new(),
+            block_hashes: Vec::new(),
             rng,
             params,
             budget,
@@ -49,20 +59,41 @@ impl Sequence {
         }
     }
 
-    /// Tokens to feed in the next step: the whole prompt first, then the last
-    /// sampled token.
-    pub fn pending_tokens(&self) -> &[u32] {
-        if self.cache.is_empty() {
-            &self.prompt
-        } else {
-            let n = self.generated.len();
-            &self.generated[n - 1..]
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Tokens still to run through the model.
+    pub fn uncomputed(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Extends the hash chain over every full block of known tokens.
+    pub fn hash_full_blocks(&mut self, seed: u64, block_size: usize) {
+        let full = self.tokens.len() / block_size;
+        while self.block_hashes.len() < full {
+            let i = self.block_hashes.len();
+            let prev = if i == 0 {
+                seed
+            } else {
+                self.block_hashes[i - 1]
+            };
+            let h = chain_hash(prev, &self.tokens[i * block_size..(i + 1) * block_size]);
+            self.block_hashes.push(h);
         }
+    }
+
+    /// Returns every block to the pool (finished, cancelled or preempted).
+    pub fn free_blocks(&mut self, pool: &mut BlockPool) {
+        for b in self.block_table.drain(..) {
+            pool.release(b);
+        }
+        self.num_computed = 0;
     }
 
     /// Tokens that must not be sampled yet (EOS and stop IDs before `min_tokens`).
     pub fn banned_tokens(&self, eos: &[u32]) -> Vec<u32> {
-        if self.generated.len() >= self.params.min_tokens {
+        if self.generated().len() >= self.params.min_tokens {
             return Vec::new();
         }
         let mut banned = self.params.stop_token_ids.clone();
@@ -79,7 +110,7 @@ impl Sequence {
         {
             return Some(FinishReason::Stop);
         }
-        if self.generated.len() >= self.budget {
+        if self.generated().len() >= self.budget {
             return Some(FinishReason::Length);
         }
         None

@@ -5,9 +5,20 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 #[derive(Debug, Default)]
 pub struct EngineStats {
     running: AtomicUsize,
+    waiting: AtomicUsize,
+    blocks_used: AtomicUsize,
+    blocks_free: AtomicUsize,
+    prefix_hit_tokens: AtomicU64,
+    prefix_computed_tokens: AtomicU64,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
+    forward_tokens: AtomicU64,
     steps: AtomicU64,
+    preemptions: AtomicU64,
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
 }
 
 impl EngineStats {
@@ -15,25 +26,65 @@ impl EngineStats {
     pub fn running_sequences(&self) -> usize {
         self.running.load(Ordering::Relaxed)
     }
+    /// Sequences queued for admission (new or preempted).
+    pub fn waiting_sequences(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+    pub fn kv_blocks_used(&self) -> usize {
+        self.blocks_used.load(Ordering::Relaxed)
+    }
+    pub fn kv_blocks_free(&self) -> usize {
+        self.blocks_free.load(Ordering::Relaxed)
+    }
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub fn prefix_hit_tokens(&self) -> u64 {
+        get(&self.prefix_hit_tokens)
+    }
+    /// Prompt tokens that had to be computed (prefix-cache misses).
+    pub fn prefix_computed_tokens(&self) -> u64 {
+        get(&self.prefix_computed_tokens)
+    }
     pub fn prompt_tokens(&self) -> u64 {
-        self.prompt_tokens.load(Ordering::Relaxed)
+        get(&self.prompt_tokens)
     }
     pub fn generation_tokens(&self) -> u64 {
-        self.generation_tokens.load(Ordering::Relaxed)
+        get(&self.generation_tokens)
+    }
+    /// Tokens run through the model (prefill chunks plus decode tokens).
+    pub fn forward_tokens(&self) -> u64 {
+        get(&self.forward_tokens)
     }
     pub fn steps(&self) -> u64 {
-        self.steps.load(Ordering::Relaxed)
+        get(&self.steps)
+    }
+    pub fn preemptions(&self) -> u64 {
+        get(&self.preemptions)
     }
 
-    pub(crate) fn set_running(&self, n: usize) {
-        self.running.store(n, Ordering::Relaxed);
+    pub(crate) fn set_queues(&self, running: usize, waiting: usize) {
+        self.running.store(running, Ordering::Relaxed);
+        self.waiting.store(waiting, Ordering::Relaxed);
+    }
+    pub(crate) fn set_blocks(&self, used: usize, free: usize) {
+        self.blocks_used.store(used, Ordering::Relaxed);
+        self.blocks_free.store(free, Ordering::Relaxed);
+    }
+    pub(crate) fn set_prefix(&self, hits: u64, computed: u64) {
+        self.prefix_hit_tokens.store(hits, Ordering::Relaxed);
+        self.prefix_computed_tokens
+            .store(computed, Ordering::Relaxed);
     }
     pub(crate) fn add_prompt_tokens(&self, n: usize) {
         self.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
     }
-    pub(crate) fn record_step(&self, generated: usize) {
+    pub(crate) fn record_step(&self, generated: usize, forwarded: usize) {
         self.steps.fetch_add(1, Ordering::Relaxed);
         self.generation_tokens
             .fetch_add(generated as u64, Ordering::Relaxed);
+        self.forward_tokens
+            .fetch_add(forwarded as u64, Ordering::Relaxed);
+    }
+    pub(crate) fn record_preemption(&self) {
+        self.preemptions.fetch_add(1, Ordering::Relaxed);
     }
 }

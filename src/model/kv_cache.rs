@@ -1,80 +1,126 @@
-//! Per-sequence key/value cache: one growable buffer per layer, laid out
-//! `[positions, kv_heads, head_dim]` so appending a step is one contiguous write.
+//! The key/value pool: for every layer, one tensor of `[slots, kv_heads,
+//! head_dim]` keys and one of values, carved into fixed-size blocks.
 //!
-//! Capacity doubles when full, so a sequence of length L costs O(L) copies in
-//! total. (A shared block pool with prefix reuse replaces this in the
-//! engine-throughput work; the model only needs `append` and `len`.)
+//! A sequence owns a list of block IDs (its block table); its position `p`
+//! lives in slot `table[p / block_size] * block_size + p % block_size`. The
+//! pool is allocated once, so it is the only memory that grows with tokens.
+//! Which blocks are free or shared is the engine's bookkeeping
+//! (`engine::block_pool`); this type only stores and reads rows.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor};
 
-#[derive(Debug, Clone, Default)]
-struct LayerKv {
-    keys: Option<Tensor>,
-    values: Option<Tensor>,
+pub struct KvPool {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    block_size: usize,
+    num_blocks: usize,
 }
 
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    len: usize,
+impl KvPool {
+    pub fn new(
+        num_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let slots = num_blocks * block_size;
+        let alloc = || Tensor::zeros((slots, kv_heads, head_dim), dtype, device);
+        Ok(Self {
+            keys: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
+            values: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn keys(&self, layer: usize) -> &Tensor {
+        &self.keys[layer]
+    }
+
+    pub fn values(&self, layer: usize) -> &Tensor {
+        &self.values[layer]
+    }
+
+    /// Bytes the pool holds.
+    pub fn size_in_bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Writes rows `k[i]`, `v[i]` (`[n, kv_heads, head_dim]`) into `slots[i]` of `layer`.
+    pub fn write(&self, layer: usize, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+        for (pool, rows) in [(&self.keys[layer], k), (&self.values[layer], v)] {
+            if pool.device().is_cpu() {
+                pool.inplace_op2(&rows.contiguous()?, &WriteRows { slots })?;
+            } else {
+                let (n, heads, dim) = rows.dims3()?;
+                let idx = Tensor::from_slice(slots, n, pool.device())?
+                    .reshape((n, 1, 1))?
+                    .broadcast_as((n, heads, dim))?
+                    .contiguous()?;
+                pool.scatter_set(&idx, &rows.contiguous()?, 0)?;
+            }
+        }
+        Ok(())
+    }
 }
 
-const INITIAL_CAPACITY: usize = 64;
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerKv::default(); num_layers],
-            len: 0,
-        }
-    }
-
-    /// Tokens already cached (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Appends `k`, `v` (`[new, kv_heads, head_dim]`) to `layer` and returns views
-    /// of all cached keys and values including them. The sequence length moves
-    /// forward once the last layer has been appended.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let new = k.dims()[0];
-        let start = self.len;
-        let total = start + new;
-        let entry = &mut self.layers[layer];
-        let keys = grow(entry.keys.take(), k, start, total)?;
-        let values = grow(entry.values.take(), v, start, total)?;
-        keys.slice_set(&k.contiguous()?, 0, start)?;
-        values.slice_set(&v.contiguous()?, 0, start)?;
-        let out = (keys.narrow(0, 0, total)?, values.narrow(0, 0, total)?);
-        entry.keys = Some(keys);
-        entry.values = Some(values);
-        if layer + 1 == self.layers.len() {
-            self.len = total;
-        }
-        Ok(out)
-    }
+/// Slot of position `pos` for a sequence with `table`.
+pub fn slot(table: &[u32], block_size: usize, pos: usize) -> u32 {
+    table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
 }
 
-/// Returns a buffer with room for `needed` rows holding the first `used` rows of
-/// `buf` (allocating, like `Vec`, at double the size when it is too small).
-fn grow(buf: Option<Tensor>, like: &Tensor, used: usize, needed: usize) -> Result<Tensor> {
-    if let Some(b) = &buf {
-        if b.dims()[0] >= needed {
-            return Ok(b.clone());
-        }
+/// CPU in-place row copy: `pool[slots[i]] = rows[i]`.
+struct WriteRows<'a> {
+    slots: &'a [u32],
+}
+
+impl InplaceOp2 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
     }
-    let cap = needed.next_power_of_two().max(INITIAL_CAPACITY);
-    let (_, heads, dim) = like.dims3()?;
-    let fresh = Tensor::zeros((cap, heads, dim), like.dtype(), like.device())?;
-    if let Some(old) = buf {
-        if used > 0 {
-            fresh.slice_set(&old.narrow(0, 0, used)?, 0, 0)?;
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pl: &Layout,
+        rows: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<()> {
+        let row = pl.shape().dims()[1..].iter().product::<usize>();
+        let (Some((p0, _)), Some((r0, r1))) = (pl.contiguous_offsets(), rl.contiguous_offsets())
+        else {
+            candle_core::bail!("kv pool and rows must be contiguous");
+        };
+        macro_rules! copy_rows {
+            ($dst:expr, $src:expr) => {{
+                let src = &$src[r0..r1];
+                for (i, &s) in self.slots.iter().enumerate() {
+                    let at = p0 + s as usize * row;
+                    $dst[at..at + row].copy_from_slice(&src[i * row..(i + 1) * row]);
+                }
+            }};
         }
+        match (pool, rows) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy_rows!(d, s),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => copy_rows!(d, s),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => copy_rows!(d, s),
+            _ => candle_core::bail!("kv pool and rows differ in dtype"),
+        }
+        Ok(())
     }
-    Ok(fresh)
 }

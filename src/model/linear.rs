@@ -1,9 +1,10 @@
 //! A dense projection `y = x W^T (+ b)` over a packed `[tokens, in]` activation.
 //!
-//! Kept as our own type (not `candle_nn::Linear`) so the CPU path can later call
-//! a tuned BLAS without touching the model code.
+//! On the CPU in f32 it calls BLAS ([`super::blas`]); elsewhere, candle's
+//! matmul. Keeping our own type lets that choice live in one place.
 
-use candle_core::{Result, Tensor};
+use super::blas::{blas, MatmulTransposed};
+use candle_core::{DType, Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -18,7 +19,12 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match blas() {
+            Some(b) if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 => x
+                .contiguous()?
+                .apply_op2_no_bwd(&self.weight, &MatmulTransposed(b))?,
+            _ => x.matmul(&self.weight.t()?)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

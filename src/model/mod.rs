@@ -2,24 +2,28 @@
 //! candle tensors so it runs on CPU, CUDA and Metal.
 //!
 //! A forward step takes a packed batch of [`Segment`]s: each is some new tokens
-//! of one sequence plus that sequence's [`KvCache`]. Prefill chunks and decode
-//! tokens of different sequences run in the same step without padding.
+//! of one sequence, where they start, and that sequence's block table in the
+//! [`KvPool`]. Prefill chunks and decode tokens of different sequences run in
+//! the same step without padding.
 
 pub mod attention;
+pub mod blas;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod paged_attention;
 pub mod rope;
 
 use crate::config::ModelConfig;
 use crate::weights::{ParamStore, WeightsError};
-use attention::{Attention, SegmentView};
+use attention::{Attention, StepLayout};
 use candle_core::{DType, Device, Result, Tensor};
-pub use kv_cache::KvCache;
+pub use kv_cache::KvPool;
 use linear::Linear;
 use mlp::Mlp;
 use norm::RmsNorm;
+use paged_attention::SeqSpan;
 use rope::RotaryEmbedding;
 
 /// Which positions of a segment need logits.
@@ -36,7 +40,10 @@ pub enum LogitsFor {
 /// New tokens of one sequence for this step.
 pub struct Segment<'a> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    /// Position of the first new token (tokens of the sequence already cached).
+    pub offset: usize,
+    /// Pool blocks of the sequence, covering `offset + tokens.len()` positions.
+    pub block_table: &'a [u32],
     pub logits: LogitsFor,
 }
 
@@ -162,30 +169,65 @@ impl Model {
         self.rope.max_positions()
     }
 
-    /// A fresh, empty cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers)
+    /// A key/value pool of `num_blocks` blocks of `block_size` tokens.
+    pub fn new_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
+        KvPool::new(
+            self.config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            self.embed_tokens.dtype(),
+            &self.device,
+        )
     }
 
-    /// Runs one step over `segments`, appending their tokens to their caches, and
-    /// returns fp32 logits `[rows, vocab]`: the rows each segment asked for, in
-    /// segment order.
-    pub fn forward(&self, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+    /// Bytes of pool one token takes (keys and values of every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        2 * c.num_hidden_layers
+            * c.num_key_value_heads
+            * c.head_dim
+            * self.embed_tokens.dtype().size_in_bytes()
+    }
+
+    /// Runs one step over `segments`, writing their keys and values into
+    /// `pool`, and returns fp32 logits `[rows, vocab]`: the rows each segment
+    /// asked for, in segment order.
+    pub fn forward(&self, segments: &[Segment<'_>], pool: &KvPool) -> Result<Tensor> {
+        let bs = pool.block_size();
         let mut ids = Vec::new();
         let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut spans = Vec::with_capacity(segments.len());
         let mut rows = Vec::new();
-        for seg in segments.iter() {
-            let start = ids.len() as u32;
-            let offset = seg.cache.len();
-            if offset + seg.tokens.len() > self.max_positions() {
+        for seg in segments {
+            let start = ids.len();
+            let end_pos = seg.offset + seg.tokens.len();
+            if end_pos > self.max_positions() {
                 candle_core::bail!(
-                    "sequence of {} tokens exceeds the {} positions the model supports",
-                    offset + seg.tokens.len(),
+                    "sequence of {end_pos} tokens exceeds the {} positions the model supports",
                     self.max_positions()
                 );
             }
+            if seg.block_table.len() * bs < end_pos {
+                candle_core::bail!(
+                    "block table covers {} positions, step needs {end_pos}",
+                    seg.block_table.len() * bs
+                );
+            }
             ids.extend_from_slice(seg.tokens);
-            positions.extend((0..seg.tokens.len()).map(|i| (offset + i) as u32));
+            for p in seg.offset..end_pos {
+                positions.push(p as u32);
+                slots.push(kv_cache::slot(seg.block_table, bs, p));
+            }
+            spans.push(SeqSpan {
+                start,
+                len: seg.tokens.len(),
+                offset: seg.offset,
+                block_table: seg.block_table,
+            });
+            let start = start as u32;
             match seg.logits {
                 LogitsFor::Nothing => {}
                 LogitsFor::Last => rows.push(start + seg.tokens.len() as u32 - 1),
@@ -194,25 +236,15 @@ impl Model {
         }
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
-        let positions = Tensor::from_vec(positions, n, &self.device)?;
-        let mut views: Vec<SegmentView<'_>> = Vec::with_capacity(segments.len());
-        let mut start = 0;
-        for seg in segments.iter_mut() {
-            let len = seg.tokens.len();
-            views.push(SegmentView {
-                start,
-                len,
-                cache: &mut *seg.cache,
-            });
-            start += len;
-        }
-
+        let step = StepLayout {
+            positions: Tensor::from_vec(positions, n, &self.device)?,
+            slots,
+            spans,
+        };
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let h = layer
-                .attention
-                .forward(&h, &positions, &self.rope, i, &mut views)?;
+            let h = layer.attention.forward(&h, &self.rope, i, &step, pool)?;
             x = (x + h)?;
             let h = layer.post_attention_norm.forward(&x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
@@ -226,17 +258,26 @@ impl Model {
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 
-    /// Logits for every position of `tokens` from a fresh cache (no reuse):
-    /// row i predicts token i+1. Used by scoring and tests.
+    /// Logits for every position of `tokens` from a fresh pool of their own
+    /// (no reuse): row i predicts token i+1. Used by scoring and tests.
     pub fn full_logits(&self, tokens: &[u32]) -> Result<Tensor> {
-        let mut cache = self.new_cache();
-        self.forward(&mut [Segment {
-            tokens,
-            cache: &mut cache,
-            logits: LogitsFor::Range {
-                from: 0,
-                to: tokens.len(),
-            },
-        }])
+        self.logits_range(tokens, 0, tokens.len())
+    }
+
+    /// Logits of positions `from..to` of `tokens`, computed from scratch.
+    pub fn logits_range(&self, tokens: &[u32], from: usize, to: usize) -> Result<Tensor> {
+        const BLOCK: usize = 16;
+        let blocks = tokens.len().div_ceil(BLOCK).max(1);
+        let pool = self.new_pool(blocks, BLOCK)?;
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        self.forward(
+            &[Segment {
+                tokens,
+                offset: 0,
+                block_table: &table,
+                logits: LogitsFor::Range { from, to },
+            }],
+            &pool,
+        )
     }
 }

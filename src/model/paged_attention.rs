@@ -1,0 +1,209 @@
+//! Causal attention of a packed batch of sequences straight from the block
+//! pool ("paged" attention), one sequence's queries against its own cache.
+//!
+//! On the CPU in f32 this is one kernel that walks each sequence's block table
+//! ([`PagedAttention`]); elsewhere the cached rows are gathered with
+//! `index_select` and attended with matmuls.
+
+use super::kv_cache::slot;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// One sequence's place in the batch and in the pool.
+#[derive(Debug, Clone)]
+pub struct SeqSpan<'a> {
+    /// First row of its queries in the packed batch.
+    pub start: usize,
+    /// Number of queries (new tokens) this step.
+    pub len: usize,
+    /// Position of the first query (tokens already cached before this step).
+    pub offset: usize,
+    pub block_table: &'a [u32],
+}
+
+pub struct PagedAttention<'a> {
+    pub spans: &'a [SeqSpan<'a>],
+    pub block_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `sum(a[i] * b[i])` with eight accumulators, so it vectorizes.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (x, y) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+impl PagedAttention<'_> {
+    /// Output row of query `i` (a token) holding all its heads.
+    fn token_row(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        span: &SeqSpan<'_>,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        let group = nh / self.num_kv_heads;
+        let kv_row = self.num_kv_heads * hd;
+        let visible = span.offset + i + 1;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let slots: Vec<usize> = (0..visible)
+            .map(|p| slot(span.block_table, self.block_size, p) as usize)
+            .collect();
+        let mut scores = vec![0f32; visible];
+        for h in 0..nh {
+            let kvh = h / group;
+            let qh = &q[(span.start + i) * nh * hd + h * hd..][..hd];
+            let mut max = f32::NEG_INFINITY;
+            for (score, &s) in scores.iter_mut().zip(&slots) {
+                *score = dot(qh, &k[s * kv_row + kvh * hd..][..hd]) * scale;
+                max = max.max(*score);
+            }
+            let mut total = 0f32;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                total += *score;
+            }
+            let o = &mut out[h * hd..(h + 1) * hd];
+            o.fill(0.0);
+            for (&w, &s) in scores.iter().zip(&slots) {
+                let w = w / total;
+                let vr = &v[s * kv_row + kvh * hd..][..hd];
+                for (od, vd) in o.iter_mut().zip(vr) {
+                    *od += w * vd;
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let view = |s: &CpuStorage, l: &Layout| -> Result<(usize, usize)> {
+            let _ = s.as_slice::<f32>()?;
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("paged attention needs contiguous inputs".into())
+            })
+        };
+        let (q0, q1) = view(qs, ql)?;
+        let (k0, k1) = view(ks, kl)?;
+        let (v0, v1) = view(vs, vl)?;
+        let q = &qs.as_slice::<f32>()?[q0..q1];
+        let k = &ks.as_slice::<f32>()?[k0..k1];
+        let v = &vs.as_slice::<f32>()?[v0..v1];
+        let tokens: usize = self.spans.iter().map(|s| s.len).sum();
+        let row = self.num_heads * self.head_dim;
+        let mut out = vec![0f32; tokens * row];
+        // (span, query index) for each output row, in batch order.
+        let rows: Vec<(usize, usize)> = self
+            .spans
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| (0..s.len).map(move |i| (si, i)))
+            .collect();
+        out.par_chunks_mut(row)
+            .zip(rows.par_iter())
+            .for_each(|(o, &(si, i))| {
+                self.token_row(q, k, v, &self.spans[si], i, o);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((tokens, row))))
+    }
+}
+
+/// Attention for every span: `q` is `[tokens, heads, hd]` (after RoPE), the
+/// pool tensors `[slots, kv_heads, hd]` already hold this step's keys/values.
+/// Returns `[tokens, heads * hd]`.
+pub fn attend(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    op: &PagedAttention<'_>,
+) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        return q.contiguous()?.apply_op3_no_bwd(keys, values, op);
+    }
+    let mut outputs = Vec::with_capacity(op.spans.len());
+    for span in op.spans {
+        let visible = span.offset + span.len;
+        let slots: Vec<u32> = (0..visible)
+            .map(|p| slot(span.block_table, op.block_size, p))
+            .collect();
+        let idx = Tensor::from_vec(slots, visible, q.device())?;
+        let k = keys.index_select(&idx, 0)?;
+        let v = values.index_select(&idx, 0)?;
+        let qs = q.narrow(0, span.start, span.len)?;
+        outputs.push(gathered(&qs, &k, &v, span.offset, op.num_kv_heads)?);
+    }
+    Tensor::cat(&outputs, 0)
+}
+
+/// Attention of `q` (`[n, heads, hd]`, positions `offset..offset+n`) over
+/// gathered `k`/`v` (`[offset+n, kv_heads, hd]`). Returns `[n, heads*hd]`.
+fn gathered(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+    let (n, nh, hd) = q.dims3()?;
+    let group = nh / nkv;
+    let total = k.dims()[0];
+    // Query heads h*group..(h+1)*group share kv head h: fold them into rows.
+    let q = q
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((nkv, group * n, hd))?;
+    let k = k.transpose(0, 1)?.contiguous()?;
+    let v = v.transpose(0, 1)?.contiguous()?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = if n > 1 {
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, total), q.device())?;
+        scores
+            .reshape((nkv, group, n, total))?
+            .broadcast_add(&mask)?
+            .reshape((nkv, group * n, total))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    probs
+        .matmul(&v)?
+        .reshape((nh, n, hd))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((n, nh * hd))
+}
