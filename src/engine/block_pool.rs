@@ -94,6 +94,15 @@ impl BlockPool {
         Some(block)
     }
 
+    /// Takes another reference on a block already in use (sharing it).
+    pub fn share(&mut self, block: u32) {
+        debug_assert!(
+            self.ref_counts[block as usize] > 0,
+            "sharing a free block {block}"
+        );
+        self.ref_counts[block as usize] += 1;
+    }
+
     /// Drops one reference; an unreferenced block stays cached until evicted.
     pub fn release(&mut self, block: u32) {
         let rc = &mut self.ref_counts[block as usize];

@@ -145,22 +145,28 @@ impl EngineCore {
         self.stats.set_prefix(hits, computed);
     }
 
-    /// Queues every choice of a request; they are admitted as blocks allow.
+    /// Queues a request. Choice 0 leads; the other choices wait on it and fork
+    /// from its computed prompt, so a group of n samples prefills once.
     pub fn add(&mut self, job: GenerationJob) {
         self.stats.add_prompt_tokens(job.prompt.len());
-        for choice in 0..job.params.n {
-            self.next_arrival += 1;
-            self.waiting.push_back(Sequence::new(
-                job.request_id,
-                choice,
-                self.next_arrival,
-                job.prompt.clone(),
-                job.seed,
-                job.params.clone(),
-                job.budget,
-                job.events.clone(),
-            ));
-        }
+        let mut choices: Vec<Sequence> = (0..job.params.n)
+            .map(|choice| {
+                self.next_arrival += 1;
+                Sequence::new(
+                    job.request_id,
+                    choice,
+                    self.next_arrival,
+                    job.prompt.clone(),
+                    job.seed,
+                    job.params.clone(),
+                    job.budget,
+                    job.events.clone(),
+                )
+            })
+            .collect();
+        let mut leader = choices.remove(0);
+        leader.siblings = choices;
+        self.waiting.push_back(leader);
         self.publish_stats();
     }
 
@@ -168,24 +174,34 @@ impl EngineCore {
     pub fn cancel(&mut self, request_id: u64, choice: Option<usize>) {
         let matches =
             |s: &Sequence| s.request_id == request_id && choice.is_none_or(|c| c == s.choice);
+        let mut orphans = Vec::new();
+        let mut keep = |s: &mut Sequence, blocks: &mut BlockPool| {
+            s.siblings.retain(|sib| !matches(sib));
+            if !matches(s) {
+                return true;
+            }
+            s.free_blocks(blocks);
+            // Parked siblings of a cancelled leader go on by themselves.
+            orphans.append(&mut s.siblings);
+            false
+        };
         let blocks = &mut self.blocks;
-        self.running.retain_mut(|s| {
-            if matches(s) {
-                s.free_blocks(blocks);
-                false
-            } else {
-                true
-            }
-        });
-        self.waiting.retain_mut(|s| {
-            if matches(s) {
-                s.free_blocks(blocks);
-                false
-            } else {
-                true
-            }
-        });
+        self.running.retain_mut(|s| keep(s, blocks));
+        self.waiting.retain_mut(|s| keep(s, blocks));
+        for orphan in orphans {
+            self.requeue(orphan);
+        }
         self.publish_stats();
+    }
+
+    /// Puts a sequence back in the queue in arrival order.
+    fn requeue(&mut self, seq: Sequence) {
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.arrival > seq.arrival)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
     }
 
     /// Gives `seq` blocks for `upto` positions; false if the pool is out.
@@ -387,46 +403,42 @@ impl EngineCore {
             .running
             .par_iter_mut()
             .zip(row_of.par_iter())
-            .map(|(seq, row)| {
-                let row = row.as_ref()?;
-                let banned = seq.banned_tokens(eos);
-                let p = seq.params.clone();
-                Some(sampler::sample(
-                    row,
-                    &p.distribution,
-                    p.logprobs_mode,
-                    &banned,
-                    p.top_logprobs,
-                    &mut seq.rng,
-                ))
-            })
+            .map(|(seq, row)| row.as_ref().map(|row| sample_next(seq, row, eos)))
             .collect();
         let mut generated = 0;
         let mut keep = Vec::with_capacity(self.running.len());
-        for (mut seq, sampled) in self.running.drain(..).zip(sampled) {
-            let Some(s) = sampled else {
+        let mut requeue = Vec::new();
+        for ((mut seq, sampled), row) in self.running.drain(..).zip(sampled).zip(&row_of) {
+            let (Some(s), Some(row)) = (sampled, row) else {
                 keep.push(seq);
                 continue;
             };
+            // Parked siblings fork from the leader's prompt and sample from the
+            // same logits with their own streams.
+            for mut sib in std::mem::take(&mut seq.siblings) {
+                if !fork(&mut self.blocks, &self.pool, &seq, &mut sib) {
+                    requeue.push(sib); // no blocks now: it prefills later (prefix cache)
+                    continue;
+                }
+                let first = sample_next(&mut sib, row, eos);
+                generated += 1;
+                if emit(&mut sib, first, eos, &self.weight_version) {
+                    keep.push(sib);
+                } else {
+                    sib.free_blocks(&mut self.blocks);
+                }
+            }
             generated += 1;
-            seq.tokens.push(s.token);
-            let finish = seq.finish_after(s.token, eos);
-            let event = EngineEvent::Token(TokenEvent {
-                choice: seq.choice,
-                token: s.token,
-                logprob: s.logprob,
-                top_logprobs: s.top_logprobs,
-                finish,
-                weight_version: self.weight_version.clone(),
-            });
-            // A closed channel means the client went away: drop the sequence.
-            if seq.events.send(event).is_ok() && finish.is_none() {
+            if emit(&mut seq, s, eos, &self.weight_version) {
                 keep.push(seq);
             } else {
                 seq.free_blocks(&mut self.blocks);
             }
         }
         self.running = keep;
+        for seq in requeue {
+            self.requeue(seq);
+        }
         self.stats
             .record_step(generated, chunks.iter().map(Vec::len).sum());
         self.publish_stats();
@@ -452,4 +464,63 @@ impl EngineCore {
         }
         Ok(out)
     }
+}
+
+/// Samples the next token of `seq` from its logits `row`.
+fn sample_next(seq: &mut Sequence, row: &[f32], eos: &[u32]) -> sampler::SampledToken {
+    let banned = seq.banned_tokens(eos);
+    let p = seq.params.clone();
+    sampler::sample(
+        row,
+        &p.distribution,
+        p.logprobs_mode,
+        &banned,
+        p.top_logprobs,
+        &mut seq.rng,
+    )
+}
+
+/// Appends a sampled token and reports it. Returns whether the sequence goes
+/// on (false when it finished or its client went away).
+fn emit(seq: &mut Sequence, s: sampler::SampledToken, eos: &[u32], version: &Arc<str>) -> bool {
+    seq.tokens.push(s.token);
+    let finish = seq.finish_after(s.token, eos);
+    let event = EngineEvent::Token(TokenEvent {
+        choice: seq.choice,
+        token: s.token,
+        logprob: s.logprob,
+        top_logprobs: s.top_logprobs,
+        finish,
+        weight_version: version.clone(),
+    });
+    seq.events.send(event).is_ok() && finish.is_none()
+}
+
+/// Gives `sib` the leader's computed prompt: full blocks shared, the partly
+/// filled last block copied. False if no block is free for the copy.
+fn fork(blocks: &mut BlockPool, pool: &KvPool, leader: &Sequence, sib: &mut Sequence) -> bool {
+    let bs = blocks.block_size();
+    let prompt = leader.prompt_len;
+    let (full, partial) = (prompt / bs, prompt % bs);
+    let copy = if partial > 0 {
+        let Some(dst) = blocks.allocate() else {
+            return false;
+        };
+        if let Err(e) = pool.copy_block(leader.block_table[full], dst, partial) {
+            tracing::warn!(error = %e, "copying a shared block failed; the choice will prefill");
+            blocks.release(dst);
+            return false;
+        }
+        Some(dst)
+    } else {
+        None
+    };
+    for &b in &leader.block_table[..full] {
+        blocks.share(b);
+    }
+    sib.block_table = leader.block_table[..full].to_vec();
+    sib.block_table.extend(copy);
+    sib.block_hashes = leader.block_hashes[..full.min(leader.block_hashes.len())].to_vec();
+    sib.num_computed = prompt;
+    true
 }

@@ -25,6 +25,9 @@ pub struct Sequence {
     /// Most tokens this sequence may generate (max_tokens clamped to the context).
     pub budget: usize,
     pub events: EventSender,
+    /// The other choices of the request, parked on choice 0 until its prompt
+    /// is computed; then they fork from it instead of prefilling again.
+    pub siblings: Vec<Sequence>,
 }
 
 impl Sequence {
@@ -56,6 +59,7 @@ impl Sequence {
             params,
             budget,
             events,
+            siblings: Vec::new(),
         }
     }
 

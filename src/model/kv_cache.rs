@@ -61,6 +61,24 @@ impl KvPool {
             .sum()
     }
 
+    /// Copies the first `rows` positions of block `src` into block `dst`, in
+    /// every layer (the copy-on-write of a shared, partly filled block).
+    pub fn copy_block(&self, src: u32, dst: u32, rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (src, dst) = (
+            src as usize * self.block_size,
+            dst as usize * self.block_size,
+        );
+        for t in self.keys.iter().chain(&self.values) {
+            // A real copy: a narrowed view shares the pool's storage.
+            let part = t.narrow(0, src, rows)?.copy()?;
+            t.slice_set(&part, 0, dst)?;
+        }
+        Ok(())
+    }
+
     /// Writes rows `k[i]`, `v[i]` (`[n, kv_heads, head_dim]`) into `slots[i]` of `layer`.
     pub fn write(&self, layer: usize, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
         for (pool, rows) in [(&self.keys[layer], k), (&self.values[layer], v)] {
