@@ -136,6 +136,14 @@ impl EngineCore {
         self.blocks.reset_prefix_cache();
     }
 
+    /// Serves `model` from the next step on, labelled `version`. Cached prefixes
+    /// of the old weights stop matching (their hash chains had another seed).
+    pub fn set_weights(&mut self, model: Model, version: &str) {
+        self.model = model;
+        self.weight_version = Arc::from(version);
+        self.hash_seed = version_seed(version);
+    }
+
     fn publish_stats(&self) {
         let (hits, computed) = self.blocks.prefix_counters();
         self.stats
@@ -219,28 +227,13 @@ impl EngineCore {
         true
     }
 
-    /// Frees the youngest running sequence's blocks and sends it back to the
-    /// queue to be recomputed later. Returns false if none is left to preempt.
-    fn preempt_youngest(&mut self, protect: usize) -> bool {
-        let Some((index, _)) = self
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != protect)
-            .max_by_key(|(_, s)| s.arrival)
-        else {
+    /// Preempts the youngest running sequence younger than `running[current]`
+    /// (the running list is in arrival order). False if there is none.
+    fn preempt_younger_than(&mut self, current: usize) -> bool {
+        if current + 1 >= self.running.len() {
             return false;
-        };
-        let mut seq = self.running.remove(index);
-        seq.free_blocks(&mut self.blocks);
-        self.stats.record_preemption();
-        // Back in arrival order, ahead of anything that came later.
-        let at = self
-            .waiting
-            .iter()
-            .position(|w| w.arrival > seq.arrival)
-            .unwrap_or(self.waiting.len());
-        self.waiting.insert(at, seq);
+        }
+        self.preempt_at(self.running.len() - 1);
         true
     }
 
@@ -261,11 +254,9 @@ impl EngineCore {
                     i += 1;
                     break;
                 }
-                if !self.preempt_youngest(i) {
-                    // Nothing else to free: this one waits its turn instead.
-                    let before = self.running.len();
+                if !self.preempt_younger_than(i) {
+                    // Nothing younger to free: this one waits its turn instead.
                     self.preempt_at(i);
-                    debug_assert!(self.running.len() < before);
                     break;
                 }
                 // The preempted sequence was younger, so index i is unchanged.

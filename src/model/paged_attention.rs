@@ -8,6 +8,15 @@
 use super::kv_cache::slot;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static CPU_KERNEL_DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Switches the CPU kernel off (true), so tests can check it against the
+/// portable gather path that GPUs run.
+pub fn set_cpu_kernel_disabled(disabled: bool) {
+    CPU_KERNEL_DISABLED.store(disabled, Ordering::Relaxed);
+}
 
 /// One sequence's place in the batch and in the pool.
 #[derive(Debug, Clone)]
@@ -146,7 +155,10 @@ pub fn attend(
     values: &Tensor,
     op: &PagedAttention<'_>,
 ) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if q.device().is_cpu()
+        && q.dtype() == DType::F32
+        && !CPU_KERNEL_DISABLED.load(Ordering::Relaxed)
+    {
         return q.contiguous()?.apply_op3_no_bwd(keys, values, op);
     }
     let mut outputs = Vec::with_capacity(op.spans.len());
