@@ -9,7 +9,7 @@ use super::kv_cache::KvPool;
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::paged_attention::{attend, PagedAttention, SeqSpan};
-use super::rope::RotaryEmbedding;
+use super::rope::RopeTables;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -27,8 +27,8 @@ pub struct Attention {
 
 /// Where this step's tokens go and what they attend to.
 pub struct StepLayout<'a> {
-    /// Absolute position of each packed token (u32 tensor).
-    pub positions: Tensor,
+    /// RoPE rows of each packed token's position.
+    pub rope: RopeTables,
     /// Pool slot of each packed token.
     pub slots: Vec<u32>,
     pub spans: Vec<SeqSpan<'a>>,
@@ -39,7 +39,6 @@ impl Attention {
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
         layer: usize,
         step: &StepLayout<'_>,
         pool: &KvPool,
@@ -53,8 +52,8 @@ impl Attention {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
         }
-        let q = rope.apply(&q, &step.positions)?.squeeze(0)?;
-        let k = rope.apply(&k, &step.positions)?.squeeze(0)?;
+        let q = step.rope.apply(&q)?.squeeze(0)?;
+        let k = step.rope.apply(&k)?.squeeze(0)?;
         pool.write(layer, &step.slots, &k, &v)?;
         let op = PagedAttention {
             spans: &step.spans,

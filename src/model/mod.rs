@@ -237,14 +237,16 @@ impl Model {
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let step = StepLayout {
-            positions: Tensor::from_vec(positions, n, &self.device)?,
+            rope: self
+                .rope
+                .tables_for(&Tensor::from_vec(positions, n, &self.device)?)?,
             slots,
             spans,
         };
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let h = layer.attention.forward(&h, &self.rope, i, &step, pool)?;
+            let h = layer.attention.forward(&h, i, &step, pool)?;
             x = (x + h)?;
             let h = layer.post_attention_norm.forward(&x)?;
             x = (&x + layer.mlp.forward(&h)?)?;

@@ -38,14 +38,19 @@ pub struct PagedAttention<'a> {
     pub head_dim: usize,
 }
 
-/// `sum(a[i] * b[i])` with eight accumulators, so it vectorizes.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `sum(a[i] * b[i])` with eight accumulators, so it vectorizes; with `FMA`
+/// the multiply-adds are fused (only inside code compiled with that feature).
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8 * 8;
     for (x, y) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] = if FMA {
+                x[l].mul_add(y[l], acc[l])
+            } else {
+                acc[l] + x[l] * y[l]
+            };
         }
     }
     let mut s: f32 = acc.iter().sum();
@@ -55,15 +60,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `y += alpha * x`.
+#[inline(always)]
+fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = if FMA {
+            alpha.mul_add(*xi, *yi)
+        } else {
+            *yi + alpha * xi
+        };
+    }
+}
+
 impl PagedAttention<'_> {
-    /// Output row of query `i` (a token) holding all its heads.
-    fn token_row(
+    /// Attention of one query token against one KV head's cached positions,
+    /// for the `group` query heads that share that KV head. Reading each key
+    /// and value row once for the whole group keeps the kernel close to the
+    /// memory bandwidth the cache needs. `out` holds the group's heads.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn group_row<const FMA: bool>(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         span: &SeqSpan<'_>,
         i: usize,
+        kvh: usize,
         out: &mut [f32],
     ) {
         let (nh, hd) = (self.num_heads, self.head_dim);
@@ -71,33 +94,79 @@ impl PagedAttention<'_> {
         let kv_row = self.num_kv_heads * hd;
         let visible = span.offset + i + 1;
         let scale = 1.0 / (hd as f32).sqrt();
-        let slots: Vec<usize> = (0..visible)
-            .map(|p| slot(span.block_table, self.block_size, p) as usize)
-            .collect();
-        let mut scores = vec![0f32; visible];
-        for h in 0..nh {
-            let kvh = h / group;
-            let qh = &q[(span.start + i) * nh * hd + h * hd..][..hd];
-            let mut max = f32::NEG_INFINITY;
-            for (score, &s) in scores.iter_mut().zip(&slots) {
-                *score = dot(qh, &k[s * kv_row + kvh * hd..][..hd]) * scale;
-                max = max.max(*score);
-            }
-            let mut total = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                total += *score;
-            }
-            let o = &mut out[h * hd..(h + 1) * hd];
-            o.fill(0.0);
-            for (&w, &s) in scores.iter().zip(&slots) {
-                let w = w / total;
-                let vr = &v[s * kv_row + kvh * hd..][..hd];
-                for (od, vd) in o.iter_mut().zip(vr) {
-                    *od += w * vd;
-                }
+        let q_row = &q[(span.start + i) * nh * hd + kvh * group * hd..][..group * hd];
+        let mut scores = vec![0f32; group * visible];
+        let mut max = vec![f32::NEG_INFINITY; group];
+        for p in 0..visible {
+            let s = slot(span.block_table, self.block_size, p) as usize;
+            let key = &k[s * kv_row + kvh * hd..][..hd];
+            for g in 0..group {
+                let score = dot::<FMA>(&q_row[g * hd..(g + 1) * hd], key) * scale;
+                scores[g * visible + p] = score;
+                max[g] = max[g].max(score);
             }
         }
+        for g in 0..group {
+            let row = &mut scores[g * visible..(g + 1) * visible];
+            let mut total = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max[g]).exp();
+                total += *x;
+            }
+            let inv = 1.0 / total;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        out.fill(0.0);
+        for p in 0..visible {
+            let s = slot(span.block_table, self.block_size, p) as usize;
+            let value = &v[s * kv_row + kvh * hd..][..hd];
+            for g in 0..group {
+                axpy::<FMA>(
+                    scores[g * visible + p],
+                    value,
+                    &mut out[g * hd..(g + 1) * hd],
+                );
+            }
+        }
+    }
+
+    fn run(&self, q: &[f32], k: &[f32], v: &[f32], items: &[(usize, usize)], out: &mut [f32]) {
+        let group_len = self.num_heads / self.num_kv_heads * self.head_dim;
+        let nkv = self.num_kv_heads;
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        // One work item per (query token, KV head).
+        out.par_chunks_mut(group_len)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let (si, i) = items[c / nkv];
+                let span = &self.spans[si];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                    unsafe { self.group_row_avx2(q, k, v, span, i, c % nkv, o) };
+                    return;
+                }
+                self.group_row::<false>(q, k, v, span, i, c % nkv, o);
+            });
+    }
+
+    /// [`Self::group_row`] compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group_row_avx2(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        span: &SeqSpan<'_>,
+        i: usize,
+        kvh: usize,
+        out: &mut [f32],
+    ) {
+        self.group_row::<true>(q, k, v, span, i, kvh, out)
     }
 }
 
@@ -130,18 +199,14 @@ impl CustomOp3 for PagedAttention<'_> {
         let tokens: usize = self.spans.iter().map(|s| s.len).sum();
         let row = self.num_heads * self.head_dim;
         let mut out = vec![0f32; tokens * row];
-        // (span, query index) for each output row, in batch order.
-        let rows: Vec<(usize, usize)> = self
+        // (span, query index) for each token, in batch order.
+        let items: Vec<(usize, usize)> = self
             .spans
             .iter()
             .enumerate()
             .flat_map(|(si, s)| (0..s.len).map(move |i| (si, i)))
             .collect();
-        out.par_chunks_mut(row)
-            .zip(rows.par_iter())
-            .for_each(|(o, &(si, i))| {
-                self.token_row(q, k, v, &self.spans[si], i, o);
-            });
+        self.run(q, k, v, &items, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((tokens, row))))
     }
 }

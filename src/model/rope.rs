@@ -61,15 +61,29 @@ impl RotaryEmbedding {
         })
     }
 
-    /// Rotates `x` of shape `[1, tokens, heads, head_dim]`; `positions` holds
-    /// each token's absolute position (a `u32` tensor of length `tokens`).
-    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
-        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+    /// The cos/sin rows of the given positions (a `u32` tensor), gathered once
+    /// per step and shared by every layer.
+    pub fn tables_for(&self, positions: &Tensor) -> Result<RopeTables> {
+        Ok(RopeTables {
+            cos: self.cos.index_select(positions, 0)?,
+            sin: self.sin.index_select(positions, 0)?,
+        })
     }
 
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]
+    }
+}
+
+/// Rotation tables for one step's tokens.
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    /// Rotates `x` of shape `[1, tokens, heads, head_dim]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &self.cos, &self.sin)
     }
 }

@@ -1,0 +1,234 @@
+//! Engine throughput on the `qwen3-0.6b-shape` preset in f32 (CPU):
+//! the machine's f32 matmul peak (BLAS and candle kernels), decode tokens/s
+//! at 1, 8, 32 and 64 concurrent sequences (256-token prompts, 128 generated),
+//! prefill tokens/s, a GRPO group (one 512-token prompt, n = 16) and peak RSS.
+//!
+//! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
+//! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
+//! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model).
+
+use candle_core::{DType, Device, Tensor};
+use gym_serve::config::{Architecture, ModelConfig};
+use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
+use gym_serve::engine::{DistributionParams, EngineEvent, SamplingParams};
+use gym_serve::fixtures::{config_json, random_weights, Preset};
+use gym_serve::model::{blas, Model};
+use gym_serve::weights::ParamStore;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+fn gflops(flops: f64, seconds: f64) -> f64 {
+    flops / seconds / 1e9
+}
+
+/// GFLOP/s of `a [m,k] @ b[n,k]^T` through the engine's linear path, best of `reps`.
+fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+    let linear = gym_serve::model::linear::Linear::new(w, None);
+    let _ = linear.forward(&a).unwrap(); // warm up (threads, caches)
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let y = linear.forward(&a).unwrap();
+        std::hint::black_box(&y);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    gflops(2.0 * (m * k * n) as f64, best)
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+struct Scenario {
+    core: EngineCore,
+    receivers: Vec<mpsc::UnboundedReceiver<EngineEvent>>,
+}
+
+impl Scenario {
+    fn add(&mut self, prompt: Vec<u32>, n: usize, max_tokens: usize, seed: u64) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let params = SamplingParams {
+            distribution: DistributionParams {
+                temperature: 1.0,
+                ..DistributionParams::default()
+            },
+            max_tokens,
+            n,
+            seed: Some(seed),
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        self.receivers.push(rx);
+        self.core.add(GenerationJob {
+            request_id: self.receivers.len() as u64,
+            prompt,
+            params: Arc::new(params),
+            seed,
+            budget: max_tokens,
+            events,
+        });
+    }
+
+    fn generated(&mut self) -> usize {
+        let mut n = 0;
+        for rx in &mut self.receivers {
+            while let Ok(EngineEvent::Token(_)) = rx.try_recv() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+fn prompt(len: usize, vocab: usize, seed: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729 + 13) % (vocab - 1)) as u32 + 1)
+        .collect()
+}
+
+fn main() {
+    let quick = std::env::var("GYM_SERVE_BENCH_QUICK").is_ok();
+    let preset = match std::env::var("GYM_SERVE_BENCH_PRESET").as_deref() {
+        Ok("tiny") => Preset::Tiny,
+        _ => Preset::Qwen3_0_6bShape,
+    };
+    let gen_len = if quick { 32 } else { 128 };
+    let shape = preset.shape(Architecture::Qwen3);
+    let cfg = ModelConfig::from_json(&config_json(&shape, 0, 1).to_string()).unwrap();
+    println!(
+        "gym-serve engine benchmark: {preset:?} (f32, CPU, {} threads)",
+        rayon::current_num_threads()
+    );
+    let blas_name = blas::blas().map_or("none (candle fallback)".to_string(), |b| b.name.clone());
+    println!("BLAS: {blas_name}");
+
+    // Matmul limits, measured now on this machine.
+    let peak_blas = matmul_gflops(2048, 2048, 2048, 3);
+    let decode_blas = matmul_gflops(64, 1024, 3072, 10);
+    blas::set_disabled(true);
+    let peak_candle = matmul_gflops(2048, 2048, 2048, 3);
+    let decode_candle = matmul_gflops(64, 1024, 3072, 10);
+    blas::set_disabled(false);
+    println!("\n| f32 matmul | engine kernel (BLAS) | candle |");
+    println!("| --- | ---: | ---: |");
+    println!("| 2048^3 (peak) | {peak_blas:.1} GFLOP/s | {peak_candle:.1} GFLOP/s |");
+    println!("| (64x1024)@(1024x3072)^T (decode shape) | {decode_blas:.1} GFLOP/s | {decode_candle:.1} GFLOP/s |");
+
+    let t = Instant::now();
+    let tensors = random_weights(&cfg, 0).unwrap().into_iter().collect();
+    let store = ParamStore::from_tensors(&cfg, tensors, DType::F32, &Device::Cpu).unwrap();
+    let model = Model::new(&cfg, &store, &Device::Cpu).unwrap();
+    let embed = cfg.vocab_size * cfg.hidden_size;
+    let params: usize = store.sorted().iter().map(|(_, t)| t.elem_count()).sum();
+    let non_embedding = params - embed * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let flops_per_token = 2.0 * non_embedding as f64 + 2.0 * embed as f64;
+    println!(
+        "\nmodel: {:.0}M parameters ({:.0}M non-embedding), {:.1} GFLOP per token; built in {:.1}s",
+        params as f64 / 1e6,
+        non_embedding as f64 / 1e6,
+        flops_per_token / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    let weights_mb = store.size_in_bytes() as f64 / 1e6 * 1e6 / (1 << 20) as f64;
+
+    let prompt_len = 256;
+    let mut rows = Vec::new();
+    let mut single = 0.0;
+    let counts: Vec<usize> = std::env::var("GYM_SERVE_BENCH_SEQS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32, 64]);
+    for &seqs in &counts {
+        let kv_tokens = seqs * (prompt_len + gen_len) + 16 * seqs;
+        let config = SchedulerConfig {
+            block_size: 16,
+            num_blocks: kv_tokens.div_ceil(16),
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+        };
+        reset_peak_rss();
+        let mut s = Scenario {
+            core: EngineCore::new(model.clone(), vec![], "0", config).unwrap(),
+            receivers: Vec::new(),
+        };
+        let pool_mb =
+            (config.num_blocks * 16 * model.kv_bytes_per_token()) as f64 / (1 << 20) as f64;
+        for i in 0..seqs {
+            s.add(prompt(prompt_len, cfg.vocab_size, i), 1, gen_len, i as u64);
+        }
+        // Prefill: every prompt computed (each sequence then has its first token).
+        let t = Instant::now();
+        while s.core.stats().forward_tokens() < (seqs * prompt_len) as u64 {
+            s.core.step();
+        }
+        let prefill_s = t.elapsed().as_secs_f64();
+        let first = s.generated();
+        let t = Instant::now();
+        while s.core.has_work() {
+            s.core.step();
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        let decoded = s.generated();
+        assert_eq!(first + decoded, seqs * gen_len);
+        let tok_s = decoded as f64 / decode_s;
+        if seqs == 1 {
+            single = tok_s;
+        }
+        let frac = gflops(tok_s * flops_per_token, 1.0) / peak_blas;
+        let prefill_tok_s = (seqs * prompt_len) as f64 / prefill_s;
+        let prefill_frac = gflops(prefill_tok_s * flops_per_token, 1.0) / peak_blas;
+        let rss = peak_rss_mb();
+        rows.push(format!(
+            "| {seqs} | {tok_s:.1} | {:.1}x | {:.0}% | {prefill_tok_s:.0} | {:.0}% | {rss:.0} MiB / {:.0} MiB |",
+            tok_s / single,
+            frac * 100.0,
+            prefill_frac * 100.0,
+            weights_mb + pool_mb
+        ));
+        eprintln!("{seqs} sequences: decode {tok_s:.1} tok/s, prefill {prefill_tok_s:.0} tok/s");
+    }
+    println!("\nprompt {prompt_len} tokens, {gen_len} generated per sequence; fractions are of the 2048^3 BLAS peak above");
+    println!("| sequences | decode tok/s | vs 1 seq | decode % of peak | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        println!("{r}");
+    }
+
+    // GRPO: one 512-token prompt, 16 samples.
+    let config = SchedulerConfig {
+        block_size: 16,
+        num_blocks: (16 * (512 + gen_len) + 512).div_ceil(16),
+        max_num_batched_tokens: 2048,
+        max_num_seqs: 256,
+    };
+    let mut s = Scenario {
+        core: EngineCore::new(model.clone(), vec![], "0", config).unwrap(),
+        receivers: Vec::new(),
+    };
+    let grpo_gen = 16;
+    s.add(prompt(512, cfg.vocab_size, 99), 16, grpo_gen, 7);
+    let t = Instant::now();
+    while s.core.has_work() {
+        s.core.step();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let forward = s.core.stats().forward_tokens() as usize;
+    let prefill_work = forward - 16 * (grpo_gen - 1);
+    println!(
+        "\nGRPO group (512-token prompt, n = 16, {grpo_gen} tokens each): prefill work {prefill_work} tokens = {:.2}x one prompt; {:.1}s",
+        prefill_work as f64 / 512.0,
+        secs
+    );
+}
