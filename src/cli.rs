@@ -80,6 +80,12 @@ pub struct ServeArgs {
     /// Run on the GPU (needs the cuda or metal feature).
     #[arg(long, env = "GYM_SERVE_GPU")]
     pub gpu: bool,
+    /// Require `Authorization: Bearer KEY` on weight and control endpoints.
+    #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+    /// Largest `POST /v1/weights` body (default: twice the served weights).
+    #[arg(long, env = "GYM_SERVE_MAX_WEIGHTS_BYTES")]
+    pub max_weights_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -114,6 +120,33 @@ pub enum Command {
     MakeModel(MakeModelArgs),
     /// Generate from a prompt and print the text, token IDs and log-probs.
     Generate(GenerateArgs),
+    /// Push new weights to a running server (POST /v1/weights).
+    PushWeights(PushWeightsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["dir", "file"])))]
+pub struct PushWeightsArgs {
+    /// Server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).
+    #[arg(long, env = "GYM_SERVE_URL")]
+    pub url: String,
+    /// A checkpoint directory (single or sharded safetensors).
+    #[arg(long, env = "GYM_SERVE_PUSH_DIR")]
+    pub dir: Option<PathBuf>,
+    /// One safetensors file.
+    #[arg(long, env = "GYM_SERVE_PUSH_FILE")]
+    pub file: Option<PathBuf>,
+    /// Version label (default: the server's current version + 1).
+    #[arg(long, env = "GYM_SERVE_PUSH_VERSION")]
+    pub version: Option<String>,
+    /// Replace only the tensors sent (default: every parameter is required).
+    #[arg(long, env = "GYM_SERVE_PUSH_PARTIAL")]
+    pub partial: bool,
+    /// What running requests do during the swap: wait, abort or keep.
+    #[arg(long, default_value = "wait", env = "GYM_SERVE_PUSH_PAUSE")]
+    pub pause: String,
+    #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

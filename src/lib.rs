@@ -8,5 +8,6 @@ pub mod engine;
 pub mod fixtures;
 pub mod loader;
 pub mod model;
+pub mod push;
 pub mod server;
 pub mod weights;

@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::MakeModel(args)) => run_make_model(args),
         Some(Command::Generate(args)) => run_generate(args),
         Some(Command::Serve(args)) => run_serve(args),
+        Some(Command::PushWeights(args)) => gym_serve::push::push_weights(args),
         None => run_serve(cli.serve),
     }
 }

@@ -21,6 +21,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(model = %model_dir.display(), ?device, ?dtype, "loading checkpoint");
     let started = Instant::now();
     let dir = model_dir.clone();
+    let device_for_updates = device.clone();
     let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&dir, &device, dtype))
         .await
         .context("loader thread")?
@@ -33,6 +34,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "model loaded"
     );
     let chat = Arc::new(loaded.chat);
+    let max_weights_bytes = args
+        .max_weights_bytes
+        .unwrap_or_else(|| (2 * loaded.store.size_in_bytes()).max(64 << 20));
     let engine = EngineHandle::spawn(
         loaded.model,
         chat.eos_token_ids().to_vec(),
@@ -63,8 +67,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             logprobs_mode: args.logprobs_mode,
             seed: args.seed,
         },
-        initial_weight_version: args.weight_version.clone(),
         created: crate::api::generation::unix_time(),
+        config: loaded.config,
+        device: device_for_updates,
+        weights: tokio::sync::Mutex::new(loaded.store),
+        admin_api_key: args.admin_api_key.clone(),
+        max_weights_bytes,
+        refits: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

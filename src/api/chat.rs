@@ -196,6 +196,9 @@ async fn full_response(
         if plan.return_token_ids {
             choice["token_ids"] = json!(c.token_ids);
         }
+        if let Some(spans) = c.version_spans() {
+            choice["weight_versions"] = spans;
+        }
         choices.push(choice);
     }
     let completion_tokens = runner.choices.iter().map(|c| c.token_ids.len()).sum();
@@ -210,6 +213,9 @@ async fn full_response(
     });
     if plan.return_token_ids {
         body["prompt_token_ids"] = json!(runner.prompt);
+    }
+    if let Some(spans) = runner.version_spans() {
+        body["weight_versions"] = spans;
     }
     Ok(Json(body).into_response())
 }
@@ -284,6 +290,9 @@ fn progress_chunk(
         );
         choice["finish_reason"] = json!(finish_reason(c, &parsed));
         choice["stop_reason"] = c.stop_reason.clone();
+        if let Some(spans) = c.version_spans() {
+            choice["weight_versions"] = spans;
+        }
     }
     choice["delta"] = Value::Object(delta);
     chunk(plan, state, &runner.version(), vec![choice])

@@ -126,10 +126,14 @@ pub async fn completions(
     let mut completion_tokens = 0;
     let mut prompt_tokens = 0;
     let mut version = None;
+    let mut spans = None;
     for (p, mut runner) in runners.into_iter().enumerate() {
         runner.run_to_end().await?;
         prompt_tokens += runner.prompt.len();
         version.get_or_insert_with(|| runner.version());
+        if spans.is_none() {
+            spans = runner.version_spans();
+        }
         for (j, c) in runner.choices.iter().enumerate() {
             completion_tokens += c.token_ids.len();
             let scores = prompt_scores.get(p);
@@ -140,7 +144,7 @@ pub async fn completions(
             choices.push(choice);
         }
     }
-    Ok(Json(json!({
+    let mut body = json!({
         "id": plan.id,
         "object": "text_completion",
         "created": plan.created,
@@ -148,8 +152,11 @@ pub async fn completions(
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
         "weight_version": version.unwrap_or_default(),
-    }))
-    .into_response())
+    });
+    if let Some(spans) = spans {
+        body["weight_versions"] = spans;
+    }
+    Ok(Json(body).into_response())
 }
 
 async fn score_prompt(
@@ -161,7 +168,7 @@ async fn score_prompt(
         return Ok(ScoreOutput {
             token_logprobs: Vec::new(),
             top_logprobs: Vec::new(),
-            weight_version: Arc::from(state.initial_weight_version.as_str()),
+            weight_version: state.engine.stats().weight_version(),
         });
     }
     let dist = DistributionParams::default();
@@ -280,6 +287,9 @@ fn choice_json(
     });
     if plan.return_token_ids {
         choice["token_ids"] = json!(c.token_ids);
+    }
+    if let Some(spans) = c.version_spans() {
+        choice["weight_versions"] = spans;
     }
     choice
 }

@@ -23,6 +23,10 @@ pub enum ApiError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Chat(#[from] ChatError),
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
+    #[error("the body is larger than --max-weights-bytes ({limit} bytes)")]
+    PayloadTooLarge { limit: usize },
     #[error("{0}")]
     Internal(String),
 }
@@ -49,6 +53,8 @@ impl ApiError {
                 ChatError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_REQUEST,
             },
+            ApiError::Weights(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -71,6 +77,7 @@ impl ApiError {
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
             s if s.is_server_error() => "InternalServerError",
             _ => "BadRequestError",
         }

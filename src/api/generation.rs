@@ -30,6 +30,22 @@ pub struct ChoiceState {
     pub finish_reason: Option<&'static str>,
     /// The stop string or stop token ID that ended the choice.
     pub stop_reason: Value,
+    /// Weight version of each run of tokens: (version, start, end), end exclusive.
+    pub versions: Vec<(Arc<str>, usize, usize)>,
+}
+
+fn spans_json(spans: &[(Arc<str>, usize, usize)]) -> Value {
+    spans
+        .iter()
+        .map(|(v, start, end)| json!({"version": &**v, "start": start, "end": end}))
+        .collect()
+}
+
+impl ChoiceState {
+    /// `weight_versions` spans, or `None` if every token came from one version.
+    pub fn version_spans(&self) -> Option<Value> {
+        (self.versions.len() > 1).then(|| spans_json(&self.versions))
+    }
 }
 
 /// What the last call to [`Runner::next`] added to one choice.
@@ -82,6 +98,19 @@ impl Runner {
         while !self.all_finished() {
             let event = match self.stream.next().await {
                 Some(EngineEvent::Token(t)) => t,
+                Some(EngineEvent::Aborted { choice }) => {
+                    let c = &mut self.choices[choice];
+                    if c.finish_reason.is_some() {
+                        continue;
+                    }
+                    c.finish_reason = Some("abort");
+                    let at = c.token_ids.len();
+                    return Ok(Some(Progress {
+                        choice,
+                        new_tokens: at..at,
+                        finished: true,
+                    }));
+                }
                 Some(EngineEvent::Failed(msg)) => return Err(EngineError::Failed(msg).into()),
                 None => return Err(EngineError::Stopped.into()),
             };
@@ -95,6 +124,12 @@ impl Runner {
             let start = self.choices[i].token_ids.len();
             {
                 let c = &mut self.choices[i];
+                match c.versions.last_mut() {
+                    Some((v, _, end)) if *v == event.weight_version => *end += 1,
+                    _ => c
+                        .versions
+                        .push((event.weight_version.clone(), start, start + 1)),
+                }
                 c.token_ids.push(event.token);
                 c.logprobs.push(event.logprob);
                 c.top_logprobs.push(event.top_logprobs);
@@ -154,11 +189,22 @@ impl Runner {
         Ok(())
     }
 
+    /// The weight version that produced the first token (the current one if
+    /// none was produced).
     pub fn version(&self) -> String {
-        self.weight_version
-            .as_deref()
-            .unwrap_or(&self.state.initial_weight_version)
-            .to_string()
+        match &self.weight_version {
+            Some(v) => v.to_string(),
+            None => self.state.engine.stats().weight_version().to_string(),
+        }
+    }
+
+    /// Top-level `weight_versions`: the spans of choice 0 when any choice
+    /// crossed an update (each choice also carries its own).
+    pub fn version_spans(&self) -> Option<Value> {
+        if self.choices.iter().all(|c| c.versions.len() <= 1) {
+            return None;
+        }
+        self.choices.first().map(|c| spans_json(&c.versions))
     }
 }
 

@@ -53,6 +53,51 @@ impl Collector for EngineCollector {
                 counter.metric_type(),
             )?)?;
         }
+        let refits = &state.refits;
+        for (name, help, value) in [
+            (
+                "gym_serve_weight_updates",
+                "Weight updates applied",
+                refits.count(),
+            ),
+            (
+                "gym_serve_weight_update_failures",
+                "Weight updates refused",
+                refits.failures(),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let total = ConstCounter::new(refits.total_seconds());
+        total.encode(encoder.encode_descriptor(
+            "gym_serve_weight_update_seconds",
+            "Time spent in weight updates, from first byte to serving",
+            None,
+            total.metric_type(),
+        )?)?;
+        let last = ConstGauge::new(refits.last_seconds());
+        last.encode(encoder.encode_descriptor(
+            "gym_serve_last_weight_update_seconds",
+            "Duration of the latest weight update",
+            None,
+            last.metric_type(),
+        )?)?;
+        // The serving version as an info-style gauge: the label carries it.
+        let version = state.engine.stats().weight_version().to_string();
+        let info = ConstGauge::new(1);
+        let mut family = encoder.encode_descriptor(
+            "gym_serve_weight_version",
+            "The weight version serving (label), value 1",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(family.encode_family(&[("version", version.as_str())])?)?;
         Ok(())
     }
 }

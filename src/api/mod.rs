@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod control;
 pub mod error;
 pub mod generation;
 pub mod json;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod scoring;
 pub mod tokenize;
 pub mod types;
+pub mod weights;
 
 use crate::chat::parsers::{ReasoningParser, ToolCallParser};
 use crate::chat::ChatProcessor;
@@ -35,8 +37,17 @@ pub struct AppState {
     pub reasoning_parser: ReasoningParser,
     pub tool_call_parser: ToolCallParser,
     pub defaults: SamplingDefaults,
-    pub initial_weight_version: String,
     pub created: u64,
+    /// The served model's shape, for validating weight updates.
+    pub config: crate::config::ModelConfig,
+    pub device: candle_core::Device,
+    /// The served parameters. The lock also serializes weight updates.
+    pub weights: tokio::sync::Mutex<crate::weights::ParamStore>,
+    /// Required on weight and control endpoints when set.
+    pub admin_api_key: Option<String>,
+    /// Largest accepted `POST /v1/weights` body.
+    pub max_weights_bytes: usize,
+    pub refits: weights::RefitStats,
 }
 
 impl AppState {
@@ -67,12 +78,42 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_api_key,
         ));
+    let admin = Router::new()
+        .route("/v1/weights", post(weights::push_weights))
+        .route("/update_weights_from_disk", post(weights::update_from_disk))
+        .route("/get_weight_version", get(weights::get_weight_version))
+        .route("/pause", post(control::pause))
+        .route("/resume", post(control::resume))
+        .route("/is_paused", get(control::is_paused))
+        .route("/reset_prefix_cache", post(control::reset_prefix_cache))
+        // Bodies are bounded by --max-weights-bytes while streaming instead.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_key,
+        ));
     Router::new()
         .route("/health", get(health))
+        .merge(admin)
         .route("/metrics", get(metrics::metrics))
         .merge(protected)
         .fallback(not_found)
         .with_state(state)
+}
+
+/// Passes requests carrying `Authorization: Bearer KEY` when a key is set.
+fn check_bearer(key: Option<&str>, request: &Request) -> Result<(), ApiError> {
+    let Some(key) = key else { return Ok(()) };
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
 }
 
 async fn require_api_key(
@@ -80,17 +121,22 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(key) = &state.api_key {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::Unauthorized.into_response();
-        }
+    match check_bearer(state.api_key.as_deref(), &request) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
-    next.run(request).await
+}
+
+/// Weight and control endpoints answer to `--admin-api-key` alone.
+async fn require_admin_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match check_bearer(state.admin_api_key.as_deref(), &request) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn health() -> &'static str {

@@ -18,6 +18,51 @@ use crate::model::{KvPool, LogitsFor, Model, Segment};
 use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// What happens to running requests when generation pauses (or weights
+/// change): `abort` ends them with what they have; `wait` lets them finish
+/// first; `keep` freezes them and continues them afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PauseMode {
+    Abort,
+    Wait,
+    Keep,
+}
+
+impl std::str::FromStr for PauseMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "abort" => Ok(Self::Abort),
+            "wait" => Ok(Self::Wait),
+            "keep" => Ok(Self::Keep),
+            other => Err(format!(
+                "unknown pause mode {other:?} (expected abort, wait or keep)"
+            )),
+        }
+    }
+}
+
+/// New weights waiting to be swapped in.
+pub struct PendingSwap {
+    pub model: Model,
+    pub version: String,
+    pub reply: oneshot::Sender<SwapReport>,
+}
+
+/// What a swap did.
+#[derive(Debug, Clone)]
+pub struct SwapReport {
+    /// Sequences ended with `finish_reason: "abort"`.
+    pub aborted: usize,
+    /// Running sequences that continue, recomputing their cache under the new weights.
+    pub kept: usize,
+    /// Time the engine loop spent on the swap itself.
+    pub swap_seconds: f64,
+}
 
 /// Sizes of the scheduler and the pool.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +87,13 @@ pub struct EngineCore {
     weight_version: Arc<str>,
     hash_seed: u64,
     stats: Arc<EngineStats>,
+    /// Set by `pause`: no admissions; `keep` also freezes running sequences.
+    paused: Option<PauseMode>,
+    /// A swap waiting for running sequences to finish (`wait` mode).
+    pending_swap: Option<PendingSwap>,
+    /// `pause(wait)` callers waiting for running sequences to finish.
+    pause_waiters: Vec<oneshot::Sender<()>>,
+    swaps: u64,
 }
 
 /// A validated generation request (see [`super::EngineHandle::generate`]).
@@ -99,7 +151,12 @@ impl EngineCore {
             weight_version: Arc::from(weight_version),
             hash_seed: version_seed(weight_version),
             stats: Arc::new(EngineStats::default()),
+            paused: None,
+            pending_swap: None,
+            pause_waiters: Vec::new(),
+            swaps: 0,
         })
+        .inspect(|core| core.stats.set_weight_version(core.weight_version.clone()))
     }
 
     pub fn stats(&self) -> &Arc<EngineStats> {
@@ -137,11 +194,133 @@ impl EngineCore {
     }
 
     /// Serves `model` from the next step on, labelled `version`. Cached prefixes
-    /// of the old weights stop matching (their hash chains had another seed).
-    pub fn set_weights(&mut self, model: Model, version: &str) {
+    /// of the old weights stop matching: their hash chains had another seed
+    /// (which also counts swaps, so re-using a label never revives stale KV).
+    /// Running sequences go back to the queue and recompute their cache under
+    /// the new weights, keeping their tokens and RNG state.
+    pub fn set_weights(&mut self, model: Model, version: &str) -> usize {
+        let kept = self.running.len();
+        while !self.running.is_empty() {
+            let mut seq = self.running.remove(0);
+            seq.free_blocks(&mut self.blocks);
+            self.requeue(seq);
+        }
+        // Their block hashes were chained from the old seed: recompute them.
+        for seq in self.waiting.iter_mut() {
+            seq.block_hashes.clear();
+        }
+        self.swaps += 1;
         self.model = model;
         self.weight_version = Arc::from(version);
-        self.hash_seed = version_seed(version);
+        self.hash_seed = version_seed(&format!("{version}#{}", self.swaps));
+        self.stats.set_weight_version(self.weight_version.clone());
+        self.stats.record_swap();
+        self.publish_stats();
+        kept
+    }
+
+    /// Ends every sequence, running or queued, with `finish_reason: "abort"`.
+    fn abort_all(&mut self) -> usize {
+        let mut aborted = 0;
+        let all: Vec<Sequence> = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .collect();
+        for mut seq in all {
+            seq.free_blocks(&mut self.blocks);
+            for s in std::iter::once(&seq).chain(&seq.siblings) {
+                let _ = s.events.send(EngineEvent::Aborted { choice: s.choice });
+                aborted += 1;
+            }
+        }
+        self.publish_stats();
+        aborted
+    }
+
+    fn apply_swap(&mut self, swap: PendingSwap, aborted: usize) {
+        let started = Instant::now();
+        let kept = self.set_weights(swap.model, &swap.version);
+        let _ = swap.reply.send(SwapReport {
+            aborted,
+            kept,
+            swap_seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+
+    /// Swaps weights in under `mode`. While paused the swap happens at once
+    /// (frozen sequences continue under the new weights on resume).
+    pub fn request_swap(&mut self, swap: PendingSwap, mode: PauseMode) {
+        if self.paused.is_some() {
+            return self.apply_swap(swap, 0);
+        }
+        match mode {
+            PauseMode::Abort => {
+                let aborted = self.abort_all();
+                self.apply_swap(swap, aborted);
+            }
+            PauseMode::Keep => self.apply_swap(swap, 0),
+            PauseMode::Wait => {
+                // A newer update replaces one still waiting: the last weights win.
+                self.pending_swap = Some(swap);
+                self.settle();
+            }
+        }
+    }
+
+    /// Stops admitting new work; see [`PauseMode`]. `reply` is answered once
+    /// the pause is in effect (for `wait`, when running sequences are done).
+    pub fn pause(&mut self, mode: PauseMode, reply: oneshot::Sender<()>) {
+        if mode == PauseMode::Abort {
+            self.abort_all();
+        }
+        self.paused = Some(mode);
+        self.stats.set_paused(true);
+        self.pause_waiters.push(reply);
+        self.settle();
+    }
+
+    pub fn resume(&mut self) {
+        self.paused = None;
+        self.stats.set_paused(false);
+        for waiter in self.pause_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// New sequences may be admitted (not paused, no swap waiting).
+    fn admitting(&self) -> bool {
+        self.paused.is_none() && self.pending_swap.is_none()
+    }
+
+    /// Whether a step would do anything.
+    pub fn can_step(&self) -> bool {
+        match self.paused {
+            Some(PauseMode::Keep) | Some(PauseMode::Abort) => false,
+            Some(PauseMode::Wait) => !self.running.is_empty(),
+            None if self.pending_swap.is_some() => !self.running.is_empty(),
+            None => self.has_work(),
+        }
+    }
+
+    /// Completes what was waiting on running sequences to drain.
+    pub fn settle(&mut self) {
+        let drained = self.running.is_empty() || matches!(self.paused, Some(PauseMode::Keep));
+        if !drained {
+            return;
+        }
+        if let Some(swap) = self.pending_swap.take() {
+            self.apply_swap(swap, 0);
+        }
+        if self.paused.is_some() {
+            for waiter in self.pause_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
     }
 
     fn publish_stats(&self) {
@@ -263,7 +442,7 @@ impl EngineCore {
             }
         }
         // Admit waiting sequences while the budget and the pool allow.
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while self.admitting() && budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };

@@ -43,6 +43,11 @@ pub struct TokenEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     Token(TokenEvent),
+    /// The choice was aborted (a pause or weight update in `abort` mode); the
+    /// tokens it already reported are all it produced.
+    Aborted {
+        choice: usize,
+    },
     /// The engine failed while running this request; its choices end here.
     Failed(String),
 }

@@ -12,8 +12,8 @@ pub mod sampler;
 pub mod sequence;
 pub mod stats;
 
-pub use self::core::ScoreOutput;
-use self::core::{EngineCore, GenerationJob, SchedulerConfig, ScoreJob};
+use self::core::{EngineCore, GenerationJob, PendingSwap, SchedulerConfig, ScoreJob};
+pub use self::core::{PauseMode, ScoreOutput, SwapReport};
 use crate::model::Model;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
@@ -57,6 +57,10 @@ enum Command {
         request_id: u64,
         choice: Option<usize>,
     },
+    SetWeights(PendingSwap, PauseMode),
+    Pause(PauseMode, oneshot::Sender<()>),
+    Resume(oneshot::Sender<()>),
+    ResetPrefixCache(oneshot::Sender<()>),
 }
 
 #[derive(Clone)]
@@ -153,6 +157,52 @@ impl EngineHandle {
             next_request_id: Arc::new(AtomicU64::new(1)),
             stats,
         })
+    }
+
+    /// Swaps `model` in between engine steps, labelled `version`; returns
+    /// once it serves.
+    pub async fn set_weights(
+        &self,
+        model: Model,
+        version: String,
+        mode: PauseMode,
+    ) -> Result<SwapReport, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        let swap = PendingSwap {
+            model,
+            version,
+            reply,
+        };
+        self.commands
+            .send(Command::SetWeights(swap, mode))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Pauses generation; returns once the pause is in effect.
+    pub async fn pause(&self, mode: PauseMode) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Pause(mode, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    pub async fn resume(&self) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Resume(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Forgets every cached prefix.
+    pub async fn reset_prefix_cache(&self) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::ResetPrefixCache(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -296,19 +346,32 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
             let _ = reply.send(result);
         }
         Command::Cancel { request_id, choice } => core.cancel(request_id, choice),
+        Command::SetWeights(swap, mode) => core.request_swap(swap, mode),
+        Command::Pause(mode, reply) => core.pause(mode, reply),
+        Command::Resume(reply) => {
+            core.resume();
+            let _ = reply.send(());
+        }
+        Command::ResetPrefixCache(reply) => {
+            core.reset_prefix_cache();
+            let _ = reply.send(());
+        }
     };
     loop {
-        if !core.has_work() {
-            // Idle: sleep until a command arrives; every handle dropped ends the loop.
-            match commands.recv() {
-                Ok(cmd) => apply(&mut core, cmd),
-                Err(_) => return,
-            }
-        }
         while let Ok(cmd) = commands.try_recv() {
             apply(&mut core, cmd);
         }
-        core.step();
+        core.settle();
+        if core.can_step() {
+            core.step();
+            continue;
+        }
+        // Nothing to run: sleep until a command arrives; every handle dropped
+        // ends the loop.
+        match commands.recv() {
+            Ok(cmd) => apply(&mut core, cmd),
+            Err(_) => return,
+        }
     }
 }
 
@@ -379,6 +442,12 @@ impl GenerationStream {
                         unfinished -= 1;
                     }
                 }
+                Some(EngineEvent::Aborted { choice }) => {
+                    if out[choice].finish_reason.is_none() {
+                        out[choice].finish_reason = Some(FinishReason::Abort);
+                        unfinished -= 1;
+                    }
+                }
                 Some(EngineEvent::Failed(msg)) => return Err(EngineError::Failed(msg)),
                 None => return Err(EngineError::Stopped),
             }
@@ -402,6 +471,7 @@ impl GenerationStream {
             };
             match &event {
                 EngineEvent::Token(t) if t.finish.is_some() => finished += 1,
+                EngineEvent::Aborted { .. } => finished += 1,
                 EngineEvent::Failed(_) => finished = self.n,
                 EngineEvent::Token(_) => {}
             }

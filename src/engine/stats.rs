@@ -1,6 +1,7 @@
 //! Counters the engine thread keeps for `/metrics` and tests; read lock-free.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -15,6 +16,9 @@ pub struct EngineStats {
     forward_tokens: AtomicU64,
     steps: AtomicU64,
     preemptions: AtomicU64,
+    paused: AtomicBool,
+    swaps: AtomicU64,
+    weight_version: Mutex<Option<Arc<str>>>,
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -59,6 +63,34 @@ impl EngineStats {
     }
     pub fn preemptions(&self) -> u64 {
         get(&self.preemptions)
+    }
+
+    /// The weight version serving now.
+    pub fn weight_version(&self) -> Arc<str> {
+        self.weight_version
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+            .unwrap_or_else(|| Arc::from("0"))
+    }
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+    /// Weight swaps applied since start.
+    pub fn swaps(&self) -> u64 {
+        get(&self.swaps)
+    }
+
+    pub(crate) fn set_weight_version(&self, version: Arc<str>) {
+        if let Ok(mut v) = self.weight_version.lock() {
+            *v = Some(version);
+        }
+    }
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+    pub(crate) fn record_swap(&self) {
+        self.swaps.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_queues(&self, running: usize, waiting: usize) {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod spec;
 pub mod store;
+pub mod update;
 
 pub use spec::{param_specs, ParamKind, ParamSpec};
 pub use store::ParamStore;
@@ -14,6 +15,8 @@ use std::path::Path;
 pub enum WeightsError {
     #[error("missing tensor {0}")]
     MissingTensor(String),
+    #[error("unknown tensor {0}: the model has no parameter of that name")]
+    UnknownTensor(String),
     #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
     ShapeMismatch {
         name: String,

@@ -54,6 +54,16 @@ impl ParamStore {
         })
     }
 
+    /// A new store sharing every tensor of this one but those in `updates`.
+    pub(crate) fn with_replacements(&self, updates: HashMap<String, Tensor>) -> Self {
+        let mut tensors = self.tensors.clone();
+        tensors.extend(updates);
+        Self {
+            tensors,
+            dtype: self.dtype,
+        }
+    }
+
     pub fn get(&self, name: &str) -> Result<&Tensor, WeightsError> {
         self.tensors
             .get(name)

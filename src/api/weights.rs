@@ -1,0 +1,279 @@
+//! Trainer-facing weight updates: `POST /v1/weights` (a safetensors body),
+//! `POST /update_weights_from_disk` (a checkpoint directory), and
+//! `GET /get_weight_version`.
+//!
+//! An update is validated and converted into a new parameter store beside the
+//! served one while generation goes on; the engine then swaps the new model in
+//! between two steps. Any failure leaves the served weights untouched. Updates
+//! are serialized by the store's lock.
+
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::AppState;
+use crate::engine::PauseMode;
+use crate::model::Model;
+use crate::weights::checkpoint::read_checkpoint;
+use crate::weights::update::{stage_from_bytes, stage_from_tensors, UpdateMode};
+use crate::weights::ParamStore;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Refit counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RefitStats {
+    count: AtomicU64,
+    failures: AtomicU64,
+    /// Total seconds, in microseconds (atomics hold integers).
+    total_micros: AtomicU64,
+    last_micros: AtomicU64,
+}
+
+impl RefitStats {
+    fn record(&self, seconds: f64) {
+        let micros = (seconds * 1e6) as u64;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.total_micros.fetch_add(micros, Ordering::Relaxed);
+        self.last_micros.store(micros, Ordering::Relaxed);
+    }
+    fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+    pub fn total_seconds(&self) -> f64 {
+        self.total_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+    pub fn last_seconds(&self) -> f64 {
+        self.last_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WeightsQuery {
+    version: Option<String>,
+    mode: Option<String>,
+    pause: Option<String>,
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(
+    value: Option<&str>,
+    default: T,
+    param: &str,
+) -> Result<T, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|e: String| ApiError::bad_request(e, Some(param))),
+    }
+}
+
+/// The label after `current`: the next integer when it is one.
+fn next_version(current: &str) -> String {
+    match current.parse::<u64>() {
+        Ok(n) => (n + 1).to_string(),
+        Err(_) => format!("{current}+1"),
+    }
+}
+
+/// Reads the body, at most `limit` bytes, hashing it on the way in.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<(Vec<u8>, String), ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0));
+    let mut hasher = Sha256::new();
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}"), None))?;
+        if let Ok(chunk) = frame.into_data() {
+            if bytes.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            hasher.update(&chunk);
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((bytes, digest))
+}
+
+/// Builds the model for a staged store and swaps it in.
+async fn swap_in(
+    state: &AppState,
+    served: &mut ParamStore,
+    staged: ParamStore,
+    version: String,
+    pause: PauseMode,
+) -> Result<crate::engine::SwapReport, ApiError> {
+    let config = state.config.clone();
+    let device = state.device.clone();
+    let (staged, model) = tokio::task::spawn_blocking(move || {
+        let model = Model::new(&config, &staged, &device);
+        (staged, model)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))?;
+    let model = model.map_err(|e| ApiError::Internal(format!("building the model: {e}")))?;
+    let report = state.engine.set_weights(model, version, pause).await?;
+    *served = staged;
+    Ok(report)
+}
+
+/// `POST /v1/weights?version=V&mode=full|partial&pause=wait|abort|keep`
+pub async fn push_weights(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<WeightsQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
+    let mode = parse(q.mode.as_deref(), UpdateMode::Full, "mode")?;
+    let pause = parse(q.pause.as_deref(), PauseMode::Wait, "pause")?;
+    let started = Instant::now();
+    let result = async {
+        let (bytes, digest) = read_body(body, &headers, state.max_weights_bytes).await?;
+        if let Some(expected) = headers.get("x-weights-sha256") {
+            let expected = expected.to_str().unwrap_or("").trim().to_ascii_lowercase();
+            if expected != digest {
+                return Err(ApiError::bad_request(
+                    format!("checksum mismatch: x-weights-sha256 is {expected}, the body's SHA-256 is {digest}"),
+                    Some("x-weights-sha256"),
+                ));
+            }
+        }
+        let mut served = state.weights.lock().await;
+        let (current, config, device) = (served.clone(), state.config.clone(), state.device.clone());
+        let total = bytes.len();
+        let (staged, tensors) =
+            tokio::task::spawn_blocking(move || stage_from_bytes(&current, &config, &bytes, mode, &device))
+                .await
+                .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))??;
+        let version = q
+            .version
+            .clone()
+            .unwrap_or_else(|| next_version(&state.engine.stats().weight_version()));
+        let report = swap_in(&state, &mut served, staged, version.clone(), pause).await?;
+        Ok((version, tensors, total, report))
+    }
+    .await;
+    match result {
+        Ok((version, tensors, total, report)) => {
+            let seconds = started.elapsed().as_secs_f64();
+            state.refits.record(seconds);
+            tracing::info!(%version, tensors, bytes = total, seconds, aborted = report.aborted, kept = report.kept, "weights updated");
+            Ok(Json(json!({
+                "weight_version": version,
+                "tensors": tensors,
+                "bytes": total,
+                "seconds": seconds,
+            })))
+        }
+        Err(e) => {
+            state.refits.record_failure();
+            tracing::warn!(error = %e, "weight update refused; served weights unchanged");
+            Err(e)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DiskUpdate {
+    model_path: String,
+    weight_version: Option<String>,
+    #[serde(default)]
+    abort_all_requests: bool,
+    #[serde(default)]
+    flush_cache: bool,
+}
+
+/// `POST /update_weights_from_disk` in SGLang's shape: `{success, message}`.
+pub async fn update_from_disk(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<DiskUpdate>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let mut served = state.weights.lock().await;
+        let (current, config, device) =
+            (served.clone(), state.config.clone(), state.device.clone());
+        let dir = std::path::PathBuf::from(&req.model_path);
+        let (staged, tensors) = tokio::task::spawn_blocking(move || {
+            let tensors = read_checkpoint(&dir, &candle_core::Device::Cpu)?;
+            stage_from_tensors(&current, &config, tensors, UpdateMode::Full, &device)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))??;
+        let version = req
+            .weight_version
+            .clone()
+            .unwrap_or_else(|| next_version(&state.engine.stats().weight_version()));
+        let pause = if req.abort_all_requests {
+            PauseMode::Abort
+        } else {
+            PauseMode::Wait
+        };
+        swap_in(&state, &mut served, staged, version.clone(), pause).await?;
+        if req.flush_cache {
+            state.engine.reset_prefix_cache().await?;
+        }
+        Ok::<_, ApiError>((version, tensors))
+    }
+    .await;
+    match result {
+        Ok((version, tensors)) => {
+            state.refits.record(started.elapsed().as_secs_f64());
+            let message = format!(
+                "loaded {tensors} tensors from {} as weight version {version}",
+                req.model_path
+            );
+            Json(json!({"success": true, "message": message, "weight_version": version}))
+                .into_response()
+        }
+        Err(e) => {
+            state.refits.record_failure();
+            let status = if e.status().is_server_error() {
+                e.status()
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            (
+                status,
+                Json(json!({"success": false, "message": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /get_weight_version`
+pub async fn get_weight_version(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({ "weight_version": &*state.engine.stats().weight_version() }))
+}

@@ -1,0 +1,175 @@
+//! Staging a weight update: every incoming tensor is checked (name, shape,
+//! dtype) before anything is converted, then converted into a new
+//! [`ParamStore`] built beside the served one. The served store is never
+//! touched, so a failed update leaves the weights bit for bit as they were.
+
+use super::spec::param_specs;
+use super::{ParamStore, WeightsError};
+use crate::config::ModelConfig;
+use candle_core::{DType, Device, Tensor};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+
+/// Whether an update must bring every parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateMode {
+    Full,
+    Partial,
+}
+
+impl std::str::FromStr for UpdateMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "partial" => Ok(Self::Partial),
+            other => Err(format!("unknown mode {other:?} (expected full or partial)")),
+        }
+    }
+}
+
+/// What an incoming tensor claims to be, before its bytes are converted.
+struct Incoming<'a> {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Source<'a>,
+}
+
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    Tensor(Tensor),
+}
+
+fn st_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType, WeightsError> {
+    match dtype {
+        safetensors::Dtype::F32 => Ok(DType::F32),
+        safetensors::Dtype::F16 => Ok(DType::F16),
+        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        safetensors::Dtype::F64 => Ok(DType::F64),
+        other => Err(WeightsError::UnsupportedDtype {
+            name: name.to_string(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Checks names, shapes, dtypes and (in `full` mode) completeness.
+fn check(
+    cfg: &ModelConfig,
+    incoming: &[Incoming<'_>],
+    mode: UpdateMode,
+) -> Result<(), WeightsError> {
+    let specs: HashMap<String, Vec<usize>> = param_specs(cfg)
+        .into_iter()
+        .map(|s| (s.name, s.shape))
+        .collect();
+    for t in incoming {
+        let Some(expected) = specs.get(&t.name) else {
+            return Err(WeightsError::UnknownTensor(t.name.clone()));
+        };
+        if &t.shape != expected {
+            return Err(WeightsError::ShapeMismatch {
+                name: t.name.clone(),
+                expected: expected.clone(),
+                found: t.shape.clone(),
+            });
+        }
+        if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            return Err(WeightsError::UnsupportedDtype {
+                name: t.name.clone(),
+                dtype: format!("{:?}", t.dtype),
+            });
+        }
+    }
+    if mode == UpdateMode::Full {
+        let mut names: Vec<&String> = specs.keys().collect();
+        names.sort();
+        if let Some(missing) = names
+            .into_iter()
+            .find(|n| !incoming.iter().any(|t| &t.name == *n))
+        {
+            return Err(WeightsError::MissingTensor(missing.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// A tied model's checkpoint may still carry `lm_head.weight` (PyTorch state
+/// dicts do); it is the embedding, so it is skipped rather than refused.
+fn is_tied_alias(cfg: &ModelConfig, name: &str) -> bool {
+    cfg.tie_word_embeddings && name == "lm_head.weight"
+}
+
+fn build(
+    current: &ParamStore,
+    cfg: &ModelConfig,
+    incoming: Vec<Incoming<'_>>,
+    mode: UpdateMode,
+    device: &Device,
+) -> Result<(ParamStore, usize), WeightsError> {
+    check(cfg, &incoming, mode)?;
+    let count = incoming.len();
+    let mut updates = HashMap::with_capacity(count);
+    for t in incoming {
+        let tensor = match t.data {
+            Source::Bytes(bytes) => {
+                Tensor::from_raw_buffer(bytes, t.dtype, &t.shape, &Device::Cpu)?
+            }
+            Source::Tensor(tensor) => tensor,
+        };
+        // Convert one tensor at a time: the file-dtype copy is dropped at once.
+        let tensor = tensor.to_dtype(current.dtype())?.to_device(device)?;
+        updates.insert(t.name, tensor);
+    }
+    Ok((current.with_replacements(updates), count))
+}
+
+/// Stages an update from a safetensors body. Returns the new store and the
+/// number of tensors it replaced.
+pub fn stage_from_bytes(
+    current: &ParamStore,
+    cfg: &ModelConfig,
+    body: &[u8],
+    mode: UpdateMode,
+    device: &Device,
+) -> Result<(ParamStore, usize), WeightsError> {
+    let st = SafeTensors::deserialize(body).map_err(|e| {
+        WeightsError::Format(format!("the body is not a valid safetensors file: {e}"))
+    })?;
+    let mut incoming = Vec::new();
+    for (name, view) in st.tensors() {
+        if is_tied_alias(cfg, &name) {
+            continue;
+        }
+        let dtype = st_dtype(&name, view.dtype())?;
+        incoming.push(Incoming {
+            shape: view.shape().to_vec(),
+            data: Source::Bytes(view.data()),
+            dtype,
+            name,
+        });
+    }
+    build(current, cfg, incoming, mode, device)
+}
+
+/// Stages an update from tensors already read (e.g. a checkpoint directory).
+pub fn stage_from_tensors(
+    current: &ParamStore,
+    cfg: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    mode: UpdateMode,
+    device: &Device,
+) -> Result<(ParamStore, usize), WeightsError> {
+    let incoming = tensors
+        .into_iter()
+        .filter(|(name, _)| !is_tied_alias(cfg, name))
+        .map(|(name, t)| Incoming {
+            dtype: t.dtype(),
+            shape: t.dims().to_vec(),
+            data: Source::Tensor(t),
+            name,
+        })
+        .collect();
+    build(current, cfg, incoming, mode, device)
+}
