@@ -13,7 +13,8 @@ use super::AppState;
 use crate::engine::PauseMode;
 use crate::model::Model;
 use crate::weights::checkpoint::read_checkpoint;
-use crate::weights::update::{stage_from_bytes, stage_from_tensors, UpdateMode};
+use crate::weights::stream::StreamingUpdate;
+use crate::weights::update::{stage_from_tensors, UpdateMode};
 use crate::weights::ParamStore;
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -62,6 +63,8 @@ impl RefitStats {
     }
 }
 
+const CHECKSUM_HEADER: &str = "x-weights-sha256";
+
 #[derive(Debug, Deserialize)]
 pub struct WeightsQuery {
     version: Option<String>,
@@ -90,12 +93,15 @@ fn next_version(current: &str) -> String {
     }
 }
 
-/// Reads the body, at most `limit` bytes, hashing it on the way in.
-async fn read_body(
+/// Receives the body into a streaming stage, at most `limit` bytes, hashing
+/// it on the way in when the client sent a checksum to compare with. Returns
+/// the body's size and digest.
+async fn receive(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
-) -> Result<(Vec<u8>, String), ApiError> {
+    stage: &mut StreamingUpdate,
+) -> Result<(usize, Option<String>), ApiError> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -103,26 +109,36 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let mut bytes = Vec::with_capacity(declared.unwrap_or(0));
-    let mut hasher = Sha256::new();
+    let mut hasher = headers.contains_key(CHECKSUM_HEADER).then(Sha256::new);
+    let mut total = 0usize;
+    // A refused header is reported after the rest of the body is read (and
+    // dropped), so the client gets the answer rather than a reset connection.
+    let mut refused = None;
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame
             .map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}"), None))?;
         if let Ok(chunk) = frame.into_data() {
-            if bytes.len() + chunk.len() > limit {
+            total += chunk.len();
+            if total > limit {
                 return Err(ApiError::PayloadTooLarge { limit });
             }
-            hasher.update(&chunk);
-            bytes.extend_from_slice(&chunk);
+            if refused.is_some() {
+                continue;
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
+            if let Err(e) = stage.push(&chunk) {
+                refused = Some(e);
+            }
         }
     }
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((bytes, digest))
+    if let Some(e) = refused {
+        return Err(e.into());
+    }
+    let digest = hasher.map(|h| h.finalize().iter().map(|b| format!("{b:02x}")).collect());
+    Ok((total, digest))
 }
 
 /// Builds the model for a staged store and swaps it in.
@@ -159,8 +175,12 @@ pub async fn push_weights(
     let pause = parse(q.pause.as_deref(), PauseMode::Wait, "pause")?;
     let started = Instant::now();
     let result = async {
-        let (bytes, digest) = read_body(body, &headers, state.max_weights_bytes).await?;
-        if let Some(expected) = headers.get("x-weights-sha256") {
+        // Holding the lock for the whole update serializes concurrent pushes.
+        let mut served = state.weights.lock().await;
+        let mut stage = StreamingUpdate::new(&state.config, mode, served.dtype(), &state.device);
+        let (total, digest) = receive(body, &headers, state.max_weights_bytes, &mut stage).await?;
+        let received = started.elapsed().as_secs_f64();
+        if let (Some(expected), Some(digest)) = (headers.get(CHECKSUM_HEADER), digest) {
             let expected = expected.to_str().unwrap_or("").trim().to_ascii_lowercase();
             if expected != digest {
                 return Err(ApiError::bad_request(
@@ -169,18 +189,16 @@ pub async fn push_weights(
                 ));
             }
         }
-        let mut served = state.weights.lock().await;
-        let (current, config, device) = (served.clone(), state.config.clone(), state.device.clone());
-        let total = bytes.len();
-        let (staged, tensors) =
-            tokio::task::spawn_blocking(move || stage_from_bytes(&current, &config, &bytes, mode, &device))
-                .await
-                .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))??;
+        let updates = stage.finish().await?;
+        let tensors = updates.len();
+        let staged = served.with_replacements(updates);
         let version = q
             .version
             .clone()
             .unwrap_or_else(|| next_version(&state.engine.stats().weight_version()));
+        let staged_at = started.elapsed().as_secs_f64();
         let report = swap_in(&state, &mut served, staged, version.clone(), pause).await?;
+        tracing::info!(received, staged = staged_at, "weight update timings (seconds since the request began)");
         Ok((version, tensors, total, report))
     }
     .await;

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod spec;
 pub mod store;
+pub mod stream;
 pub mod update;
 
 pub use spec::{param_specs, ParamKind, ParamSpec};

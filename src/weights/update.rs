@@ -7,6 +7,7 @@ use super::spec::param_specs;
 use super::{ParamStore, WeightsError};
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 
@@ -54,6 +55,41 @@ fn st_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType, WeightsError
     }
 }
 
+/// Checks a streamed header: names, shapes, dtypes, completeness.
+pub(crate) fn check_header(
+    cfg: &ModelConfig,
+    entries: &[super::stream::HeaderEntry],
+    mode: UpdateMode,
+) -> Result<(), WeightsError> {
+    let incoming: Vec<Incoming<'_>> = entries
+        .iter()
+        .filter(|e| !is_tied_alias(cfg, &e.name))
+        .map(|e| Incoming {
+            name: e.name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data: Source::Bytes(&[]),
+        })
+        .collect();
+    check(cfg, &incoming, mode)
+}
+
+/// Converts one tensor's raw little-endian bytes to the run dtype on `device`.
+pub(crate) fn convert_bytes(
+    bytes: &[u8],
+    dtype: DType,
+    shape: &[usize],
+    run: DType,
+    device: &Device,
+) -> Result<Tensor, WeightsError> {
+    let tensor = match bytes_to_f32(bytes, dtype).filter(|_| run == DType::F32) {
+        // The common case (a bf16 push into an f32 engine): no intermediate copy.
+        Some(values) => Tensor::from_vec(values, shape, &Device::Cpu)?,
+        None => Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?,
+    };
+    Ok(tensor.to_dtype(run)?.to_device(device)?)
+}
+
 /// Checks names, shapes, dtypes and (in `full` mode) completeness.
 fn check(
     cfg: &ModelConfig,
@@ -97,8 +133,41 @@ fn check(
 
 /// A tied model's checkpoint may still carry `lm_head.weight` (PyTorch state
 /// dicts do); it is the embedding, so it is skipped rather than refused.
-fn is_tied_alias(cfg: &ModelConfig, name: &str) -> bool {
+pub(crate) fn is_tied_alias(cfg: &ModelConfig, name: &str) -> bool {
     cfg.tie_word_embeddings && name == "lm_head.weight"
+}
+
+/// Little-endian bf16/f16/f32 bytes straight to f32 values, in one pass.
+fn bytes_to_f32(bytes: &[u8], dtype: DType) -> Option<Vec<f32>> {
+    match dtype {
+        DType::BF16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+        ),
+        DType::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        ),
+        DType::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn convert(t: Incoming<'_>, run: DType, device: &Device) -> Result<(String, Tensor), WeightsError> {
+    let tensor = match t.data {
+        Source::Bytes(bytes) => convert_bytes(bytes, t.dtype, &t.shape, run, device)?,
+        Source::Tensor(tensor) => tensor.to_dtype(run)?.to_device(device)?,
+    };
+    Ok((t.name, tensor))
 }
 
 fn build(
@@ -110,18 +179,12 @@ fn build(
 ) -> Result<(ParamStore, usize), WeightsError> {
     check(cfg, &incoming, mode)?;
     let count = incoming.len();
-    let mut updates = HashMap::with_capacity(count);
-    for t in incoming {
-        let tensor = match t.data {
-            Source::Bytes(bytes) => {
-                Tensor::from_raw_buffer(bytes, t.dtype, &t.shape, &Device::Cpu)?
-            }
-            Source::Tensor(tensor) => tensor,
-        };
-        // Convert one tensor at a time: the file-dtype copy is dropped at once.
-        let tensor = tensor.to_dtype(current.dtype())?.to_device(device)?;
-        updates.insert(t.name, tensor);
-    }
+    let run = current.dtype();
+    // Tensors convert independently: spread them over the cores.
+    let updates: HashMap<String, Tensor> = incoming
+        .into_par_iter()
+        .map(|t| convert(t, run, device))
+        .collect::<Result<_, _>>()?;
     Ok((current.with_replacements(updates), count))
 }
 

@@ -1,0 +1,171 @@
+//! Refit latency on the `qwen3-0.6b-shape` preset: a bf16 safetensors push of
+//! every parameter over loopback into a running server (f32 engine), from the
+//! first byte sent until the new weights serve, against the bound of simply
+//! reading the same bytes from memory and converting them to f32, measured in
+//! the same run. A generating stream runs during the push; the longest gap
+//! between its tokens is the stall.
+//!
+//! `cargo bench --bench refit` (GYM_SERVE_BENCH_PRESET=tiny for a quick try).
+
+use candle_core::{DType, Device, Tensor};
+use gym_serve::config::{Architecture, ModelConfig};
+use gym_serve::fixtures::{make_model, random_weights, MakeModelOptions, Preset};
+use gym_serve::weights::update::{stage_from_bytes, UpdateMode};
+use gym_serve::weights::ParamStore;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let preset = match std::env::var("GYM_SERVE_BENCH_PRESET").as_deref() {
+        Ok("tiny") => Preset::Tiny,
+        _ => Preset::Qwen3_0_6bShape,
+    };
+    let shape = preset.shape(Architecture::Qwen3);
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    make_model(
+        dir.path(),
+        &MakeModelOptions {
+            shape,
+            seed: 0,
+            dtype: DType::F32,
+            shards: 1,
+        },
+    )
+    .unwrap();
+    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    println!(
+        "gym-serve refit benchmark: {preset:?}; checkpoint written in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The push: every parameter of another seed, in bf16 (what a PyTorch trainer sends).
+    let new: Vec<(String, Tensor)> = random_weights(&cfg, 1)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let views: Vec<(&str, &Tensor)> = new.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let body = safetensors::serialize(views, None).unwrap();
+    drop(new);
+    println!(
+        "push body: {:.0} MB of bf16 safetensors",
+        body.len() as f64 / 1e6
+    );
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_gym-serve"))
+        .arg("--model")
+        .arg(dir.path())
+        .args(["--port", "0", "--kv-cache-tokens", "8192"])
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::File::create(std::env::temp_dir().join("gym-serve-refit-bench.log")).unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("gym-serve listening on ")
+        .unwrap()
+        .to_string();
+    let http = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap();
+
+    // A stream that keeps generating through the update, timing its tokens.
+    let stream_base = base.clone();
+    let generator = std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap();
+        let resp = http
+            .post(format!("{stream_base}/v1/completions"))
+            .json(&serde_json::json!({"prompt": "The weather today", "max_tokens": 60, "ignore_eos": true, "stream": true}))
+            .send()
+            .unwrap();
+        let mut times = Vec::new();
+        for line in BufReader::new(resp).lines() {
+            let line = line.unwrap();
+            if line.starts_with("data: {") {
+                times.push(Instant::now());
+            }
+        }
+        times
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let push_body = body.clone();
+    let sent = Instant::now();
+    let reply: serde_json::Value = http
+        .post(format!("{base}/v1/weights?version=1&pause=keep"))
+        .body(push_body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let push_s = sent.elapsed().as_secs_f64();
+    let served = Instant::now();
+    let times = generator.join().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(reply["weight_version"], "1", "{reply}");
+
+    // The bound, on the same bytes: parse and convert bf16 -> f32, nothing else.
+    let st = safetensors::SafeTensors::deserialize(&body).unwrap();
+    let t = Instant::now();
+    for (_, view) in st.tensors() {
+        let t =
+            Tensor::from_raw_buffer(view.data(), DType::BF16, view.shape(), &Device::Cpu).unwrap();
+        std::hint::black_box(t.to_dtype(DType::F32).unwrap());
+    }
+    let bound_s = t.elapsed().as_secs_f64();
+    // Our staging alone (checks + conversion into a new store).
+    let current = ParamStore::from_tensors(
+        &cfg,
+        random_weights(&cfg, 0).unwrap().into_iter().collect(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let staged = stage_from_bytes(&current, &cfg, &body, UpdateMode::Full, &Device::Cpu).unwrap();
+    let stage_s = t.elapsed().as_secs_f64();
+    drop(staged);
+
+    let gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let during: Vec<f64> = times
+        .windows(2)
+        .filter(|w| w[1] >= sent && w[0] <= served)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let mut sorted = gaps.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let stall = during.iter().copied().fold(0.0, f64::max);
+    println!("\n| refit (bf16 push of every parameter, loopback) | seconds | vs bound |");
+    println!("| --- | ---: | ---: |");
+    println!("| bound: parse + convert the same bytes to f32 in memory | {bound_s:.2} | 1.00x |");
+    println!(
+        "| staging alone (checks, conversion into a new store) | {stage_s:.2} | {:.2}x |",
+        stage_s / bound_s
+    );
+    println!(
+        "| push: first byte sent until the new weights serve | {push_s:.2} | {:.2}x |",
+        push_s / bound_s
+    );
+    println!(
+        "\ngeneration during the push: median inter-token gap {:.3}s, longest gap while the push was in flight {:.3}s ({} tokens streamed)",
+        median,
+        stall,
+        times.len()
+    );
+}

@@ -1,0 +1,219 @@
+//! Staging a safetensors body while it arrives. The header is checked as
+//! soon as it is in (names, shapes, dtypes, completeness, offsets), so a bad
+//! push is refused before its data is read; each tensor is then converted to
+//! the run dtype on the worker pool the moment its bytes are complete, which
+//! overlaps conversion with the network and never holds the whole body.
+
+use super::update::{check_header, convert_bytes, is_tied_alias, UpdateMode};
+use super::WeightsError;
+use crate::config::ModelConfig;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use tokio::sync::oneshot;
+
+/// Largest accepted JSON header (the safetensors format's own limit).
+const MAX_HEADER: usize = 100_000_000;
+
+/// One tensor as the header describes it.
+#[derive(Debug, Clone)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub begin: usize,
+    pub end: usize,
+}
+
+fn dtype_of(name: &str, tag: &str) -> Result<DType, WeightsError> {
+    match tag {
+        "F32" => Ok(DType::F32),
+        "F16" => Ok(DType::F16),
+        "BF16" => Ok(DType::BF16),
+        "F64" => Ok(DType::F64),
+        other => Err(WeightsError::UnsupportedDtype {
+            name: name.to_string(),
+            dtype: other.to_string(),
+        }),
+    }
+}
+
+/// Parses and checks a safetensors JSON header: entries sorted by offset,
+/// contiguous from 0, each exactly `numel * dtype size` bytes.
+pub fn parse_header(json: &[u8]) -> Result<Vec<HeaderEntry>, WeightsError> {
+    let bad =
+        |m: String| WeightsError::Format(format!("the body is not a valid safetensors file: {m}"));
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
+    let mut entries = Vec::with_capacity(map.len());
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |k: &str| info.get(k).ok_or_else(|| bad(format!("{name}: no `{k}`")));
+        let dtype = dtype_of(&name, field("dtype")?.as_str().unwrap_or_default())?;
+        let nums = |k: &str| -> Result<Vec<usize>, WeightsError> {
+            field(k)?
+                .as_array()
+                .and_then(|a| a.iter().map(|v| v.as_u64().map(|n| n as usize)).collect())
+                .ok_or_else(|| bad(format!("{name}: `{k}` must be a list of integers")))
+        };
+        let shape = nums("shape")?;
+        let offsets = nums("data_offsets")?;
+        let [begin, end] = offsets[..] else {
+            return Err(bad(format!("{name}: `data_offsets` must have two entries")));
+        };
+        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if end < begin || end - begin != expected {
+            return Err(bad(format!(
+                "{name}: {} data bytes for shape {shape:?}",
+                end.saturating_sub(begin)
+            )));
+        }
+        entries.push(HeaderEntry {
+            name,
+            dtype,
+            shape,
+            begin,
+            end,
+        });
+    }
+    entries.sort_by_key(|e| e.begin);
+    let mut at = 0;
+    for e in &entries {
+        if e.begin != at {
+            return Err(bad(format!(
+                "{}: data does not follow the previous tensor",
+                e.name
+            )));
+        }
+        at = e.end;
+    }
+    Ok(entries)
+}
+
+enum Phase {
+    /// Collecting the 8-byte length and the JSON header.
+    Header(Vec<u8>),
+    /// Collecting tensor `next`'s bytes into `buffer`.
+    Data { next: usize, buffer: Vec<u8> },
+}
+
+pub struct StreamingUpdate {
+    cfg: ModelConfig,
+    mode: UpdateMode,
+    run: DType,
+    device: Device,
+    phase: Phase,
+    entries: Vec<HeaderEntry>,
+    pending: Vec<oneshot::Receiver<Result<(String, Tensor), WeightsError>>>,
+}
+
+impl StreamingUpdate {
+    pub fn new(cfg: &ModelConfig, mode: UpdateMode, run: DType, device: &Device) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            mode,
+            run,
+            device: device.clone(),
+            phase: Phase::Header(Vec::new()),
+            entries: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Feeds the next bytes of the body.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), WeightsError> {
+        while !chunk.is_empty() {
+            match &mut self.phase {
+                Phase::Header(buf) => {
+                    let need = if buf.len() < 8 {
+                        8 - buf.len()
+                    } else {
+                        let n =
+                            u64::from_le_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
+                        if n > MAX_HEADER {
+                            return Err(WeightsError::Format(
+                                "the safetensors header is too large".into(),
+                            ));
+                        }
+                        8 + n - buf.len()
+                    };
+                    let take = need.min(chunk.len());
+                    buf.extend_from_slice(&chunk[..take]);
+                    chunk = &chunk[take..];
+                    if buf.len() > 8 && take == need {
+                        let entries = parse_header(&buf[8..])?;
+                        check_header(&self.cfg, &entries, self.mode)?;
+                        self.entries = entries;
+                        self.phase = Phase::Data {
+                            next: 0,
+                            buffer: Vec::new(),
+                        };
+                        self.dispatch_ready()?;
+                    }
+                }
+                Phase::Data { next, buffer } => {
+                    let Some(entry) = self.entries.get(*next) else {
+                        return Err(WeightsError::Format(
+                            "the body has bytes past its last tensor".into(),
+                        ));
+                    };
+                    let size = entry.end - entry.begin;
+                    if buffer.capacity() < size {
+                        buffer.reserve_exact(size - buffer.len());
+                    }
+                    let take = (size - buffer.len()).min(chunk.len());
+                    buffer.extend_from_slice(&chunk[..take]);
+                    chunk = &chunk[take..];
+                    self.dispatch_ready()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every complete tensor to the worker pool for conversion.
+    fn dispatch_ready(&mut self) -> Result<(), WeightsError> {
+        while let Phase::Data { next, buffer } = &mut self.phase {
+            let Some(entry) = self.entries.get(*next) else {
+                break;
+            };
+            if buffer.len() < entry.end - entry.begin {
+                break;
+            }
+            let bytes = std::mem::take(buffer);
+            *next += 1;
+            if is_tied_alias(&self.cfg, &entry.name) {
+                continue; // the embedding stands in for it
+            }
+            let (entry, run, device) = (entry.clone(), self.run, self.device.clone());
+            let (tx, rx) = oneshot::channel();
+            rayon::spawn(move || {
+                let result = convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device)
+                    .map(|t| (entry.name, t));
+                let _ = tx.send(result);
+            });
+            self.pending.push(rx);
+        }
+        Ok(())
+    }
+
+    /// The converted tensors, once the whole body has arrived.
+    pub async fn finish(self) -> Result<HashMap<String, Tensor>, WeightsError> {
+        let complete =
+            matches!(&self.phase, Phase::Data { next, .. } if *next == self.entries.len());
+        if !complete {
+            return Err(WeightsError::Format(
+                "the body is not a valid safetensors file: it ends before its last tensor (truncated?)".into(),
+            ));
+        }
+        let mut out = HashMap::with_capacity(self.pending.len());
+        for rx in self.pending {
+            let (name, tensor) = rx
+                .await
+                .map_err(|_| WeightsError::Format("a conversion worker failed".into()))??;
+            out.insert(name, tensor);
+        }
+        Ok(out)
+    }
+}
