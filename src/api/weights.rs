@@ -65,6 +65,9 @@ impl RefitStats {
 
 const CHECKSUM_HEADER: &str = "x-weights-sha256";
 
+/// How much of a refused body is still read (and dropped) before answering.
+const DRAIN_CAP: usize = 64 << 20;
+
 #[derive(Debug, Deserialize)]
 pub struct WeightsQuery {
     version: Option<String>,
@@ -106,39 +109,55 @@ async fn receive(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
     let mut hasher = headers.contains_key(CHECKSUM_HEADER).then(Sha256::new);
     let mut total = 0usize;
-    // A refused header is reported after the rest of the body is read (and
-    // dropped), so the client gets the answer rather than a reset connection.
-    let mut refused = None;
+    // A refusal is answered after the rest of the body is read and dropped
+    // (up to a cap), so the client gets the answer rather than a reset
+    // connection while it is still sending.
+    let mut refused: Option<ApiError> = declared
+        .filter(|&n| n > limit)
+        .map(|_| ApiError::PayloadTooLarge { limit });
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame
             .map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}"), None))?;
-        if let Ok(chunk) = frame.into_data() {
-            total += chunk.len();
-            if total > limit {
-                return Err(ApiError::PayloadTooLarge { limit });
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        total += chunk.len();
+        if refused.is_some() {
+            if total > limit.saturating_add(DRAIN_CAP) {
+                break;
             }
-            if refused.is_some() {
-                continue;
-            }
-            if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
-            }
-            if let Err(e) = stage.push(&chunk) {
-                refused = Some(e);
-            }
+            continue;
+        }
+        if total > limit {
+            refused = Some(ApiError::PayloadTooLarge { limit });
+            continue;
+        }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
+        if let Err(e) = stage.push(&chunk) {
+            refused = Some(e.into());
         }
     }
     if let Some(e) = refused {
-        return Err(e.into());
+        return Err(e);
     }
     let digest = hasher.map(|h| h.finalize().iter().map(|b| format!("{b:02x}")).collect());
     Ok((total, digest))
+}
+
+/// Reads and drops a body (up to the cap) so a refusal reaches the client.
+async fn drain(mut body: Body) {
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len());
+        if seen > DRAIN_CAP {
+            break;
+        }
+    }
 }
 
 /// Builds the model for a staged store and swaps it in.
@@ -170,9 +189,20 @@ pub async fn push_weights(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
-    let mode = parse(q.mode.as_deref(), UpdateMode::Full, "mode")?;
-    let pause = parse(q.pause.as_deref(), PauseMode::Wait, "pause")?;
+    let parsed = query
+        .map_err(|e| ApiError::bad_request(e.body_text(), None))
+        .and_then(|Query(q)| {
+            let mode = parse(q.mode.as_deref(), UpdateMode::Full, "mode")?;
+            let pause = parse(q.pause.as_deref(), PauseMode::Wait, "pause")?;
+            Ok((q, mode, pause))
+        });
+    let (q, mode, pause) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            drain(body).await;
+            return Err(e);
+        }
+    };
     let started = Instant::now();
     let result = async {
         // Holding the lock for the whole update serializes concurrent pushes.
