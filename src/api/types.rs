@@ -53,6 +53,12 @@ pub struct SamplingRequest {
     pub include_stop_str_in_output: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    // Known OpenAI/vLLM fields the sampler does not implement: accepted only
+    // at their neutral values, so nobody gets silently different sampling.
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 /// Most alternatives a request may ask for per token (vLLM's default limit).
@@ -88,6 +94,32 @@ impl SamplingRequest {
             return Err(ApiError::bad_request(
                 format!("top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"),
                 Some("top_logprobs"),
+            ));
+        }
+        let unsupported = [
+            (
+                "presence_penalty",
+                self.presence_penalty.is_some_and(|p| p != 0.0),
+            ),
+            (
+                "frequency_penalty",
+                self.frequency_penalty.is_some_and(|p| p != 0.0),
+            ),
+            (
+                "repetition_penalty",
+                self.repetition_penalty.is_some_and(|p| p != 1.0),
+            ),
+            (
+                "logit_bias",
+                self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+            ),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(ApiError::bad_request(
+                format!(
+                    "{name} is not supported by gym-serve's sampler; leave it unset (or neutral)"
+                ),
+                Some(name),
             ));
         }
         let top_k = match self.top_k {
