@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::generation::{
     chat_logprob_entry, finite_logprobs, response_id, unix_time, usage, ChoiceState, Progress,
-    RunOptions, Runner, TokenFormat,
+    Runner, TokenFormat,
 };
 use super::json::{from_body, ApiJson};
 use super::types::{explicit_null, normalize_messages, SamplingRequest};
@@ -83,12 +83,7 @@ pub async fn chat_completions(
         req.required_prefix_token_ids.as_deref(),
     )?;
     let params = req.sampling.sampling_params(top_logprobs, state.defaults)?;
-    let options = RunOptions {
-        stop: req.sampling.stop_strings(),
-        include_stop_str_in_output: req.sampling.include_stop_str_in_output.unwrap_or(false),
-        skip_special_tokens: req.sampling.skip_special_tokens.unwrap_or(true),
-        stop_token_ids: params.stop_token_ids.clone(),
-    };
+    let options = req.sampling.run_options(&params);
     let stream = state.engine.generate(prompt.clone(), params)?;
     let runner = Runner::new(state.clone(), prompt, stream, options);
     let plan = ChatPlan {

@@ -3,8 +3,8 @@
 
 use super::error::ApiError;
 use super::generation::{
-    finite, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState, RunOptions,
-    Runner, TokenFormat,
+    finite, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState, Runner,
+    TokenFormat,
 };
 use super::json::{from_body, ApiJson};
 use super::types::SamplingRequest;
@@ -93,12 +93,7 @@ pub async fn completions(
     // Submit every prompt before waiting on any, so they run in the same steps.
     let mut runners = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let options = RunOptions {
-            stop: req.sampling.stop_strings(),
-            include_stop_str_in_output: req.sampling.include_stop_str_in_output.unwrap_or(false),
-            skip_special_tokens: req.sampling.skip_special_tokens.unwrap_or(true),
-            stop_token_ids: params.stop_token_ids.clone(),
-        };
+        let options = req.sampling.run_options(&params);
         let stream = state.engine.generate(prompt.clone(), params.clone())?;
         runners.push(Runner::new(state.clone(), prompt, stream, options));
     }

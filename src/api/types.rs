@@ -83,6 +83,16 @@ impl SamplingRequest {
         .collect()
     }
 
+    /// How the HTTP side treats the generated text (stop strings, decoding).
+    pub fn run_options(&self, params: &SamplingParams) -> super::generation::RunOptions {
+        super::generation::RunOptions {
+            stop: self.stop_strings(),
+            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            stop_token_ids: params.stop_token_ids.clone(),
+        }
+    }
+
     /// Engine parameters; `max_tokens` defaults to the rest of the context,
     /// and the engine clamps any larger value to what fits.
     pub fn sampling_params(

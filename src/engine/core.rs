@@ -487,12 +487,7 @@ impl EngineCore {
         let mut seq = self.running.remove(index);
         seq.free_blocks(&mut self.blocks);
         self.stats.record_preemption();
-        let at = self
-            .waiting
-            .iter()
-            .position(|w| w.arrival > seq.arrival)
-            .unwrap_or(self.waiting.len());
-        self.waiting.insert(at, seq);
+        self.requeue(seq);
     }
 
     /// One engine step.

@@ -159,6 +159,18 @@ impl EngineHandle {
         })
     }
 
+    /// Sends a command that answers on a oneshot channel, and waits for it.
+    async fn request<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
     /// Swaps `model` in between engine steps, labelled `version`; returns
     /// once it serves.
     pub async fn set_weights(
@@ -167,42 +179,31 @@ impl EngineHandle {
         version: String,
         mode: PauseMode,
     ) -> Result<SwapReport, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        let swap = PendingSwap {
-            model,
-            version,
-            reply,
-        };
-        self.commands
-            .send(Command::SetWeights(swap, mode))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.request(|reply| {
+            Command::SetWeights(
+                PendingSwap {
+                    model,
+                    version,
+                    reply,
+                },
+                mode,
+            )
+        })
+        .await
     }
 
     /// Pauses generation; returns once the pause is in effect.
     pub async fn pause(&self, mode: PauseMode) -> Result<(), EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Pause(mode, reply))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.request(|reply| Command::Pause(mode, reply)).await
     }
 
     pub async fn resume(&self) -> Result<(), EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Resume(reply))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.request(Command::Resume).await
     }
 
     /// Forgets every cached prefix.
     pub async fn reset_prefix_cache(&self) -> Result<(), EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::ResetPrefixCache(reply))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.request(Command::ResetPrefixCache).await
     }
 
     pub fn stats(&self) -> &EngineStats {
