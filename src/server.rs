@@ -55,6 +55,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| model_dir.display().to_string())
     });
+    let engine_stats = engine.shared_stats();
+    let refits = Arc::new(crate::api::weights::RefitStats::default());
     let state = Arc::new(AppState {
         engine,
         chat,
@@ -73,7 +75,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weights: tokio::sync::Mutex::new(loaded.store),
         admin_api_key: args.admin_api_key.clone(),
         max_weights_bytes,
-        refits: Default::default(),
+        refits: refits.clone(),
+        metrics: crate::api::metrics::Metrics::new(engine_stats, refits),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

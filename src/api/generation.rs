@@ -69,6 +69,9 @@ pub struct Runner {
     pub prompt: Vec<u32>,
     pub choices: Vec<ChoiceState>,
     pub weight_version: Option<Arc<str>>,
+    started: std::time::Instant,
+    /// When each choice's last token arrived (for inter-token latency).
+    last_token: Vec<Option<std::time::Instant>>,
 }
 
 impl Runner {
@@ -86,6 +89,8 @@ impl Runner {
             prompt,
             choices: vec![ChoiceState::default(); n],
             weight_version: None,
+            started: std::time::Instant::now(),
+            last_token: vec![None; n],
         }
     }
 
@@ -120,6 +125,15 @@ impl Runner {
             }
             if self.weight_version.is_none() {
                 self.weight_version = Some(event.weight_version.clone());
+            }
+            let now = std::time::Instant::now();
+            let metrics = &self.state.metrics;
+            match self.last_token[i].replace(now) {
+                Some(prev) => metrics.itl.observe((now - prev).as_secs_f64()),
+                None if self.last_token.iter().filter(|t| t.is_some()).count() == 1 => {
+                    metrics.ttft.observe((now - self.started).as_secs_f64())
+                }
+                None => {}
             }
             let start = self.choices[i].token_ids.len();
             {

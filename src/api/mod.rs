@@ -47,7 +47,8 @@ pub struct AppState {
     pub admin_api_key: Option<String>,
     /// Largest accepted `POST /v1/weights` body.
     pub max_weights_bytes: usize,
-    pub refits: weights::RefitStats,
+    pub refits: Arc<weights::RefitStats>,
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -97,6 +98,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(admin)
         .route("/metrics", get(metrics::metrics))
         .merge(protected)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_requests,
+        ))
         .fallback(not_found)
         .with_state(state)
 }

@@ -206,6 +206,11 @@ impl EngineHandle {
         self.request(Command::ResetPrefixCache).await
     }
 
+    /// The engine's counters, shared (for collectors that outlive a borrow).
+    pub fn shared_stats(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
