@@ -122,6 +122,25 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Push new weights to a running server (POST /v1/weights).
     PushWeights(PushWeightsArgs),
+    /// Check a running server against the token-ID contract (NeMo Gym's integration check).
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ValidateArgs {
+    /// Server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).
+    #[arg(long, env = "GYM_SERVE_URL")]
+    pub url: String,
+    /// Model name to send (default: none, or the server's only model).
+    #[arg(long, env = "GYM_SERVE_VALIDATE_MODEL")]
+    pub model: Option<String>,
+    #[arg(long, env = "GYM_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+    /// A safetensors file to push for the weight-update check (skipped without it).
+    #[arg(long, env = "GYM_SERVE_VALIDATE_WEIGHTS")]
+    pub weights: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -10,4 +10,5 @@ pub mod loader;
 pub mod model;
 pub mod push;
 pub mod server;
+pub mod validate;
 pub mod weights;

@@ -21,6 +21,19 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Generate(args)) => run_generate(args),
         Some(Command::Serve(args)) => run_serve(args),
         Some(Command::PushWeights(args)) => gym_serve::push::push_weights(args),
+        Some(Command::Validate(args)) => {
+            let target = gym_serve::validate::Target::new(
+                &args.url,
+                args.model,
+                args.api_key,
+                args.admin_api_key,
+            )?;
+            if gym_serve::validate::run(&target, args.weights.as_deref()) {
+                Ok(())
+            } else {
+                anyhow::bail!("validation failed")
+            }
+        }
         None => run_serve(cli.serve),
     }
 }
