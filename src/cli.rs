@@ -124,6 +124,59 @@ pub enum Command {
     PushWeights(PushWeightsArgs),
     /// Check a running server against the token-ID contract (NeMo Gym's integration check).
     Validate(ValidateArgs),
+    /// Load-test any OpenAI-compatible server (optionally pushing weights during the run).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).
+    #[arg(long, env = "GYM_SERVE_URL")]
+    pub url: String,
+    #[arg(long, env = "GYM_SERVE_BENCH_MODEL")]
+    pub model: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8, env = "GYM_SERVE_BENCH_CONCURRENCY")]
+    pub concurrency: usize,
+    /// Requests to send (ignored with --duration).
+    #[arg(long, default_value_t = 64, env = "GYM_SERVE_BENCH_REQUESTS")]
+    pub requests: usize,
+    /// Run for this many seconds instead of a request count.
+    #[arg(long, env = "GYM_SERVE_BENCH_DURATION")]
+    pub duration: Option<f64>,
+    /// Synthetic prompt length in tokens (exact where the server has /tokenize).
+    #[arg(long, default_value_t = 256, env = "GYM_SERVE_BENCH_PROMPT_LEN")]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128, env = "GYM_SERVE_BENCH_MAX_TOKENS")]
+    pub max_tokens: usize,
+    /// JSONL file with one `{"messages": [...]}` per line, instead of synthetic prompts.
+    #[arg(long, env = "GYM_SERVE_BENCH_DATASET")]
+    pub dataset: Option<PathBuf>,
+    /// Use /v1/completions (default: /v1/chat/completions).
+    #[arg(long, env = "GYM_SERVE_BENCH_COMPLETIONS")]
+    pub completions: bool,
+    #[arg(long, env = "GYM_SERVE_BENCH_STREAM")]
+    pub stream: bool,
+    #[arg(long, default_value_t = 1, env = "GYM_SERVE_BENCH_N")]
+    pub n: usize,
+    #[arg(long, default_value_t = 0, env = "GYM_SERVE_BENCH_SEED")]
+    pub seed: u64,
+    /// Let generation stop at EOS (default: ignore_eos, so lengths are exact).
+    #[arg(long, env = "GYM_SERVE_BENCH_ALLOW_EOS")]
+    pub allow_eos: bool,
+    /// Write the summary as JSON here.
+    #[arg(long, env = "GYM_SERVE_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+    #[arg(long, env = "GYM_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A safetensors file to push to /v1/weights during the run.
+    #[arg(long, env = "GYM_SERVE_BENCH_REFIT")]
+    pub refit: Option<PathBuf>,
+    /// Seconds between refit pushes.
+    #[arg(long, default_value_t = 10.0, env = "GYM_SERVE_BENCH_REFIT_EVERY")]
+    pub refit_every: f64,
+    #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,6 +1,7 @@
 //! gym-serve: an inference engine and server for reinforcement-learning rollouts.
 
 pub mod api;
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod config;

@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Generate(args)) => run_generate(args),
         Some(Command::Serve(args)) => run_serve(args),
         Some(Command::PushWeights(args)) => gym_serve::push::push_weights(args),
+        Some(Command::Bench(args)) => gym_serve::bench::bench(args),
         Some(Command::Validate(args)) => {
             let target = gym_serve::validate::Target::new(
                 &args.url,
