@@ -3,95 +3,12 @@
 
 mod common;
 
-use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
-use gym_serve::engine::{ChoiceOutput, DistributionParams, EngineEvent, SamplingParams};
-use gym_serve::model::Model;
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use common::engine::{assert_close, sampling, scheduler as config, Run};
+use gym_serve::engine::core::SchedulerConfig;
+use gym_serve::engine::SamplingParams;
 
 fn params(seed: u64, n: usize, max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        distribution: DistributionParams {
-            temperature: 0.9,
-            top_p: 0.95,
-            ..DistributionParams::default()
-        },
-        max_tokens,
-        seed: Some(seed),
-        n,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    }
-}
-
-fn config(num_blocks: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
-    SchedulerConfig {
-        block_size: 16,
-        num_blocks,
-        max_num_batched_tokens,
-        max_num_seqs: 64,
-    }
-}
-
-/// Runs requests to completion on a core; returns each request's choices.
-struct Run {
-    core: EngineCore,
-    receivers: Vec<(mpsc::UnboundedReceiver<EngineEvent>, usize)>,
-}
-
-impl Run {
-    fn new(model: &Model, eos: &[u32], config: SchedulerConfig) -> Self {
-        Run {
-            core: EngineCore::new(model.clone(), eos.to_vec(), "0", config).unwrap(),
-            receivers: Vec::new(),
-        }
-    }
-
-    fn add(&mut self, prompt: &[u32], p: SamplingParams) {
-        let (events, rx) = mpsc::unbounded_channel();
-        self.receivers.push((rx, p.n));
-        self.core.add(GenerationJob {
-            request_id: self.receivers.len() as u64,
-            prompt: prompt.to_vec(),
-            seed: p.seed.unwrap(),
-            budget: p.max_tokens,
-            params: Arc::new(p),
-            events,
-        });
-    }
-
-    fn finish(&mut self) -> Vec<Vec<ChoiceOutput>> {
-        let mut steps = 0;
-        while self.core.has_work() {
-            self.core.step();
-            steps += 1;
-            assert!(steps < 100_000, "engine made no progress");
-        }
-        self.receivers
-            .iter_mut()
-            .map(|(rx, n)| {
-                let mut out = vec![ChoiceOutput::default(); *n];
-                while let Ok(EngineEvent::Token(t)) = rx.try_recv() {
-                    out[t.choice].token_ids.push(t.token);
-                    out[t.choice].logprobs.push(t.logprob);
-                    out[t.choice].finish_reason = t.finish;
-                }
-                out
-            })
-            .collect()
-    }
-}
-
-fn assert_close(a: &[Vec<ChoiceOutput>], b: &[Vec<ChoiceOutput>], what: &str) {
-    for (ra, rb) in a.iter().zip(b) {
-        for (x, y) in ra.iter().zip(rb) {
-            assert_eq!(x.token_ids, y.token_ids, "{what}: token IDs differ");
-            assert!(x.finish_reason.is_some(), "{what}: unfinished");
-            for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
-                assert!((p - q).abs() <= 1e-5, "{what}: log-prob {p} vs {q}");
-            }
-        }
-    }
+    sampling(seed, n, max_tokens, 0.9, 0.95)
 }
 
 /// Prompts of quite different lengths (some longer than a block, some not).

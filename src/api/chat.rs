@@ -2,6 +2,7 @@
 //! fields of CONTRACT.md on every choice.
 
 use super::error::ApiError;
+use super::generation::sse_response;
 use super::generation::{
     chat_logprob_entry, finite_logprobs, response_id, unix_time, usage, ChoiceState, Progress,
     Runner, TokenFormat,
@@ -11,15 +12,11 @@ use super::types::{explicit_null, normalize_messages, SamplingRequest};
 use super::AppState;
 use crate::chat::parsers::{parse_output, ParsedOutput, ReasoningParser, ToolCallParser};
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::convert::Infallible;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -294,16 +291,9 @@ fn progress_chunk(
 }
 
 fn stream_response(state: Arc<AppState>, mut runner: Runner, plan: ChatPlan) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let (sse, response) = sse_response();
     tokio::spawn(async move {
-        let send = |v: Value| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(Event::default().data(v.to_string())))
-                    .await
-                    .is_ok()
-            }
-        };
+        let send = |v: Value| sse.send(v);
         let n = runner.choices.len();
         let first: Vec<Value> = (0..n)
             .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
@@ -337,7 +327,7 @@ fn stream_response(state: Arc<AppState>, mut runner: Runner, plan: ChatPlan) -> 
                 return;
             }
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        sse.done().await;
     });
-    Sse::new(ReceiverStream::new(rx)).into_response()
+    response
 }

@@ -2,6 +2,7 @@
 //! `echo`, legacy `logprobs`, `prompt_logprobs`, streaming.
 
 use super::error::ApiError;
+use super::generation::sse_response;
 use super::generation::{
     finite, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState, Runner,
     TokenFormat,
@@ -11,15 +12,11 @@ use super::types::SamplingRequest;
 use super::AppState;
 use crate::engine::{DistributionParams, LogprobsMode, ScoreOutput};
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::convert::Infallible;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -295,16 +292,9 @@ fn stream_response(
     plan: Plan,
     include_usage: bool,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let (sse, response) = sse_response();
     tokio::spawn(async move {
-        let send = |v: Value| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(Event::default().data(v.to_string())))
-                    .await
-                    .is_ok()
-            }
-        };
+        let send = |v: Value| sse.send(v);
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
         for (p, mut runner) in runners.into_iter().enumerate() {
@@ -363,7 +353,7 @@ fn stream_response(
                 return;
             }
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        sse.done().await;
     });
-    Sse::new(ReceiverStream::new(rx)).into_response()
+    response
 }

@@ -289,3 +289,32 @@ pub fn unix_time() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// The sending side of a server-sent-events response.
+pub struct SseSender(
+    tokio::sync::mpsc::Sender<Result<axum::response::sse::Event, std::convert::Infallible>>,
+);
+
+impl SseSender {
+    /// Sends one `data:` event; false once the client has gone away.
+    pub async fn send(&self, v: Value) -> bool {
+        let event = axum::response::sse::Event::default().data(v.to_string());
+        self.0.send(Ok(event)).await.is_ok()
+    }
+
+    /// Ends the stream the OpenAI way.
+    pub async fn done(self) {
+        let _ = self
+            .0
+            .send(Ok(axum::response::sse::Event::default().data("[DONE]")))
+            .await;
+    }
+}
+
+/// A streaming response and the sender that feeds it.
+pub fn sse_response() -> (SseSender, axum::response::Response) {
+    use axum::response::IntoResponse;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let body = axum::response::sse::Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (SseSender(tx), body.into_response())
+}

@@ -61,11 +61,6 @@ impl TextTokenizer {
             None => Vec::new(),
         }
     }
-
-    /// Number of tokens, added tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
 }
 
 /// Inverse of GPT-2's byte-to-character table: printable bytes stand for

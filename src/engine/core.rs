@@ -214,7 +214,6 @@ impl EngineCore {
         self.weight_version = Arc::from(version);
         self.hash_seed = version_seed(&format!("{version}#{}", self.swaps));
         self.stats.set_weight_version(self.weight_version.clone());
-        self.stats.record_swap();
         self.publish_stats();
         kept
     }
@@ -286,10 +285,6 @@ impl EngineCore {
         for waiter in self.pause_waiters.drain(..) {
             let _ = waiter.send(());
         }
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.paused.is_some()
     }
 
     /// New sequences may be admitted (not paused, no swap waiting).

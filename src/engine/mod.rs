@@ -426,10 +426,6 @@ impl GenerationStream {
         self.receiver.recv().await
     }
 
-    pub fn next_blocking(&mut self) -> Option<EngineEvent> {
-        self.receiver.blocking_recv()
-    }
-
     fn fold(
         n: usize,
         mut next: impl FnMut() -> Option<EngineEvent>,

@@ -17,7 +17,6 @@ pub struct EngineStats {
     steps: AtomicU64,
     preemptions: AtomicU64,
     paused: AtomicBool,
-    swaps: AtomicU64,
     weight_version: Mutex<Option<Arc<str>>>,
 }
 
@@ -76,10 +75,6 @@ impl EngineStats {
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
     }
-    /// Weight swaps applied since start.
-    pub fn swaps(&self) -> u64 {
-        get(&self.swaps)
-    }
 
     pub(crate) fn set_weight_version(&self, version: Arc<str>) {
         if let Ok(mut v) = self.weight_version.lock() {
@@ -88,9 +83,6 @@ impl EngineStats {
     }
     pub(crate) fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::Relaxed);
-    }
-    pub(crate) fn record_swap(&self) {
-        self.swaps.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_queues(&self, running: usize, waiting: usize) {

@@ -13,7 +13,6 @@ pub struct KvPool {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     block_size: usize,
-    num_blocks: usize,
 }
 
 impl KvPool {
@@ -32,16 +31,11 @@ impl KvPool {
             keys: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
             values: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
             block_size,
-            num_blocks,
         })
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
     }
 
     pub fn keys(&self, layer: usize) -> &Tensor {

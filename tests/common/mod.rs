@@ -2,6 +2,7 @@
 //! and the real server started on them.
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod server;
 
 use candle_core::{DType, Device};
