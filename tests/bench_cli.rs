@@ -85,6 +85,8 @@ fn bench_counts_tokens_errors_and_refits() {
                 "--stream",
                 "--max-tokens",
                 "60",
+                "--duration",
+                "1.0",
                 "--refit",
                 weights.to_str().unwrap(),
                 "--refit-every",
@@ -93,7 +95,9 @@ fn bench_counts_tokens_errors_and_refits() {
         ]
         .concat(),
     );
-    assert_eq!(r["completed"], 12);
-    assert!(r["refit"]["pushes"].as_u64().unwrap() >= 1, "{r}");
+    // Requests keep being sent for a second, so several pushes land mid-run.
+    assert!(r["completed"].as_u64().unwrap() >= 3, "{r}");
+    assert_eq!(r["errors"], serde_json::json!({}));
+    assert!(r["refit"]["pushes"].as_u64().unwrap() >= 2, "{r}");
     assert_eq!(r["refit"]["failed"], 0);
 }
