@@ -292,6 +292,17 @@ impl EngineCore {
         self.paused.is_none() && self.pending_swap.is_none()
     }
 
+    /// After a panic inside a step: fail every request (their clients get an
+    /// error) and start over with an empty pool, so the server keeps serving.
+    pub fn recover(&mut self, message: &str) {
+        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let _ = seq.events.send(EngineEvent::Failed(message.to_string()));
+        }
+        self.blocks = BlockPool::new(self.config.num_blocks, self.config.block_size);
+        self.pending_swap = None;
+        self.publish_stats();
+    }
+
     /// Whether a step would do anything.
     pub fn can_step(&self) -> bool {
         match self.paused {

@@ -369,7 +369,16 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
         }
         core.settle();
         if core.can_step() {
-            core.step();
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.step()));
+            if let Err(panic) = stepped {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                tracing::error!(%message, "engine step panicked; failing running requests and resetting the KV pool");
+                core.recover(&format!("internal engine error: {message}"));
+            }
             continue;
         }
         // Nothing to run: sleep until a command arrives; every handle dropped
