@@ -98,11 +98,12 @@ pub fn set_disabled(disabled: bool) {
 /// `x @ w^T` for row-major f32 `x: [m, k]` and `w: [n, k]`.
 pub struct MatmulTransposed<'a>(pub &'a Blas);
 
-fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
+/// The f32 values a contiguous CPU tensor covers.
+pub(crate) fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("blas matmul: {what} must be contiguous"),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 

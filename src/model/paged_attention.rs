@@ -5,6 +5,7 @@
 //! ([`PagedAttention`]); elsewhere the cached rows are gathered with
 //! `index_select` and attended with matmuls.
 
+use super::blas::contiguous_f32;
 use super::kv_cache::slot;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -184,18 +185,9 @@ impl CustomOp3 for PagedAttention<'_> {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let view = |s: &CpuStorage, l: &Layout| -> Result<(usize, usize)> {
-            let _ = s.as_slice::<f32>()?;
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("paged attention needs contiguous inputs".into())
-            })
-        };
-        let (q0, q1) = view(qs, ql)?;
-        let (k0, k1) = view(ks, kl)?;
-        let (v0, v1) = view(vs, vl)?;
-        let q = &qs.as_slice::<f32>()?[q0..q1];
-        let k = &ks.as_slice::<f32>()?[k0..k1];
-        let v = &vs.as_slice::<f32>()?[v0..v1];
+        let q = contiguous_f32(qs, ql, "queries")?;
+        let k = contiguous_f32(ks, kl, "keys")?;
+        let v = contiguous_f32(vs, vl, "values")?;
         let tokens: usize = self.spans.iter().map(|s| s.len).sum();
         let row = self.num_heads * self.head_dim;
         let mut out = vec![0f32; tokens * row];
