@@ -11,6 +11,21 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
 
+/// Converting pushed tensors runs on its own thread, not on the global pool
+/// the engine's attention and sampling use: a long conversion job queued
+/// there would stall generation until it finished.
+fn staging_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "gym-serve-staging".into())
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
 /// Largest accepted JSON header (the safetensors format's own limit).
 const MAX_HEADER: usize = 100_000_000;
 
@@ -188,11 +203,15 @@ impl StreamingUpdate {
             }
             let (entry, run, device) = (entry.clone(), self.run, self.device.clone());
             let (tx, rx) = oneshot::channel();
-            rayon::spawn(move || {
+            let job = move || {
                 let result = convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device)
                     .map(|t| (entry.name, t));
                 let _ = tx.send(result);
-            });
+            };
+            match staging_pool() {
+                Some(pool) => pool.spawn(job),
+                None => rayon::spawn(job),
+            }
             self.pending.push(rx);
         }
         Ok(())
