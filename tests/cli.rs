@@ -9,6 +9,27 @@ fn gym_serve(args: &[&str]) -> std::process::Output {
         .expect("run gym-serve")
 }
 
+/// A seeded two-choice chat generation, as JSON.
+fn generate_json(model: &str) -> std::process::Output {
+    gym_serve(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "Hello there",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "1",
+        "--n",
+        "2",
+        "--temperature",
+        "0.7",
+        "--json",
+    ])
+}
+
 #[test]
 fn make_model_then_generate_prints_ids_and_log_probs() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,23 +53,7 @@ fn make_model_then_generate_prints_ids_and_log_probs() {
             "{file} missing"
         );
     }
-    let out = gym_serve(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "Hello there",
-        "--chat",
-        "--max-tokens",
-        "8",
-        "--seed",
-        "1",
-        "--n",
-        "2",
-        "--temperature",
-        "0.7",
-        "--json",
-    ]);
+    let out = generate_json(model);
     assert!(
         out.status.success(),
         "{}",
@@ -67,23 +72,7 @@ fn make_model_then_generate_prints_ids_and_log_probs() {
         assert!(lps.iter().all(|l| l.as_f64().unwrap() <= 0.0));
     }
     // Same seed from a fresh process: the same output.
-    let again = gym_serve(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "Hello there",
-        "--chat",
-        "--max-tokens",
-        "8",
-        "--seed",
-        "1",
-        "--n",
-        "2",
-        "--temperature",
-        "0.7",
-        "--json",
-    ]);
+    let again = generate_json(model);
     assert_eq!(out.stdout, again.stdout);
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use gym_serve::engine::{DistributionParams, EngineHandle, LogprobsMode, SamplingParams};
+use gym_serve::engine::{DistributionParams, LogprobsMode, SamplingParams};
 
 fn dist(temperature: f32, top_p: f32) -> DistributionParams {
     DistributionParams {
@@ -17,12 +17,7 @@ fn dist(temperature: f32, top_p: f32) -> DistributionParams {
 fn cached_decode_log_probs_equal_teacher_forced_scores() {
     let (_dir, loaded) = common::tiny_qwen3(11);
     let prompts = common::prompts(&loaded);
-    let engine = EngineHandle::spawn(
-        loaded.model,
-        loaded.chat.eos_token_ids().to_vec(),
-        Default::default(),
-    )
-    .unwrap();
+    let engine = common::spawn_engine(loaded);
     let mut checked = 0;
     for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
         for d in [
@@ -72,12 +67,7 @@ fn greedy_picks_the_raw_argmax_at_every_step() {
     let (_dir, loaded) = common::tiny_qwen3(12);
     let model = loaded.model.clone();
     let prompt = common::prompts(&loaded)[1].clone();
-    let engine = EngineHandle::spawn(
-        loaded.model,
-        loaded.chat.eos_token_ids().to_vec(),
-        Default::default(),
-    )
-    .unwrap();
+    let engine = common::spawn_engine(loaded);
     for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
         let params = SamplingParams {
             distribution: dist(0.0, 1.0),
@@ -129,12 +119,7 @@ fn log_probs_are_natural_logs_over_the_full_vocabulary() {
     let (_dir, loaded) = common::tiny_qwen3(13);
     let vocab = loaded.config.vocab_size;
     let prompt = common::prompts(&loaded)[0].clone();
-    let engine = EngineHandle::spawn(
-        loaded.model,
-        loaded.chat.eos_token_ids().to_vec(),
-        Default::default(),
-    )
-    .unwrap();
+    let engine = common::spawn_engine(loaded);
     for mode in [LogprobsMode::Processed, LogprobsMode::Raw] {
         let params = SamplingParams {
             distribution: dist(1.0, 1.0),
@@ -170,12 +155,7 @@ fn log_probs_are_natural_logs_over_the_full_vocabulary() {
 fn processed_log_probs_renormalize_over_the_nucleus() {
     let (_dir, loaded) = common::tiny_qwen3(14);
     let prompt = common::prompts(&loaded)[2].clone();
-    let engine = EngineHandle::spawn(
-        loaded.model,
-        loaded.chat.eos_token_ids().to_vec(),
-        Default::default(),
-    )
-    .unwrap();
+    let engine = common::spawn_engine(loaded);
     let params = SamplingParams {
         distribution: DistributionParams {
             temperature: 0.8,

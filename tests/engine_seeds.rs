@@ -4,7 +4,6 @@
 mod common;
 
 use common::engine::{assert_close, sampling, scheduler, Run};
-use gym_serve::engine::EngineHandle;
 
 fn params(seed: u64, n: usize, max_tokens: usize) -> gym_serve::engine::SamplingParams {
     sampling(seed, n, max_tokens, 1.0, 0.95)
@@ -14,12 +13,7 @@ fn params(seed: u64, n: usize, max_tokens: usize) -> gym_serve::engine::Sampling
 fn same_seed_same_output_and_choices_differ() {
     let (_dir, loaded) = common::tiny_qwen3(21);
     let prompt = common::prompts(&loaded)[1].clone();
-    let engine = EngineHandle::spawn(
-        loaded.model,
-        loaded.chat.eos_token_ids().to_vec(),
-        Default::default(),
-    )
-    .unwrap();
+    let engine = common::spawn_engine(loaded);
     let run = |p| {
         engine
             .generate(prompt.clone(), p)

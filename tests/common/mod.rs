@@ -57,3 +57,9 @@ pub fn prompts(loaded: &LoadedModel) -> Vec<Vec<u32>> {
         })
         .collect()
 }
+
+/// Starts an engine thread on a loaded model with default options.
+pub fn spawn_engine(loaded: LoadedModel) -> gym_serve::engine::EngineHandle {
+    let eos = loaded.chat.eos_token_ids().to_vec();
+    gym_serve::engine::EngineHandle::spawn(loaded.model, eos, Default::default()).expect("engine")
+}
