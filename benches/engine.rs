@@ -5,6 +5,7 @@
 //!
 //! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
 //! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
+//! GYM_SERVE_BENCH_MATMUL_ONLY=1 to stop after the matmul tables,
 //! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model).
 
 use candle_core::{DType, Device, Tensor};
@@ -12,7 +13,7 @@ use gym_serve::config::{Architecture, ModelConfig};
 use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
 use gym_serve::engine::{DistributionParams, EngineEvent, SamplingParams};
 use gym_serve::fixtures::{config_json, random_weights, Preset};
-use gym_serve::model::{blas, Model};
+use gym_serve::model::{blas, skinny, Model};
 use gym_serve::weights::ParamStore;
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +37,24 @@ fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
         best = best.min(t.elapsed().as_secs_f64());
     }
     gflops(2.0 * (m * k * n) as f64, best)
+}
+
+/// GFLOP/s of `[m, 1024] @ [3072, 1024]^T` (a decode step's MLP shape) with
+/// the weights streamed from memory as in a real step: the matmul cycles
+/// through 64 distinct weight matrices (800 MB), far more than any cache.
+fn cold_matmul_gflops(m: usize, weights: &[gym_serve::model::linear::Linear]) -> f64 {
+    let a = Tensor::randn(0f32, 1.0, (m, 1024), &Device::Cpu).unwrap();
+    for w in weights {
+        std::hint::black_box(w.forward(&a).unwrap());
+    }
+    let t = Instant::now();
+    for w in weights {
+        std::hint::black_box(w.forward(&a).unwrap());
+    }
+    gflops(
+        2.0 * (m * 1024 * 3072 * weights.len()) as f64,
+        t.elapsed().as_secs_f64(),
+    )
 }
 
 fn peak_rss_mb() -> f64 {
@@ -118,13 +137,38 @@ fn main() {
     let peak_blas = matmul_gflops(2048, 2048, 2048, 3);
     let decode_blas = matmul_gflops(64, 1024, 3072, 10);
     blas::set_disabled(true);
+    skinny::set_disabled(true);
     let peak_candle = matmul_gflops(2048, 2048, 2048, 3);
     let decode_candle = matmul_gflops(64, 1024, 3072, 10);
     blas::set_disabled(false);
+    skinny::set_disabled(false);
     println!("\n| f32 matmul | engine kernel (BLAS) | candle |");
     println!("| --- | ---: | ---: |");
     println!("| 2048^3 (peak) | {peak_blas:.1} GFLOP/s | {peak_candle:.1} GFLOP/s |");
     println!("| (64x1024)@(1024x3072)^T (decode shape) | {decode_blas:.1} GFLOP/s | {decode_candle:.1} GFLOP/s |");
+
+    // Decode-step matmuls with weights coming from memory: the skinny kernel
+    // the engine runs for up to skinny::MAX_ROWS rows against BLAS.
+    if skinny::available() {
+        let weights: Vec<_> = (0..64)
+            .map(|_| {
+                let w = Tensor::randn(0f32, 1.0, (3072, 1024), &Device::Cpu).unwrap();
+                gym_serve::model::linear::Linear::new(w, None)
+            })
+            .collect();
+        println!("\n| rows @ (1024x3072)^T, weights from memory | skinny kernel | BLAS |");
+        println!("| ---: | ---: | ---: |");
+        for m in [1, 8, 16, 32, 64] {
+            let ours = cold_matmul_gflops(m, &weights);
+            skinny::set_disabled(true);
+            let theirs = cold_matmul_gflops(m, &weights);
+            skinny::set_disabled(false);
+            println!("| {m} | {ours:.1} GFLOP/s | {theirs:.1} GFLOP/s |");
+        }
+    }
+    if std::env::var("GYM_SERVE_BENCH_MATMUL_ONLY").is_ok() {
+        return;
+    }
 
     let t = Instant::now();
     let tensors = random_weights(&cfg, 0).unwrap().into_iter().collect();

@@ -5,7 +5,7 @@
 //! `cblas_sgemm` when a library can be loaded. Nothing is needed at build time;
 //! without a library (or with `GYM_SERVE_MATMUL=candle`) candle's matmul runs.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
+use candle_core::{CpuStorage, Layout, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -95,8 +95,35 @@ pub fn set_disabled(disabled: bool) {
     DISABLED.store(disabled, Ordering::Relaxed);
 }
 
-/// `x @ w^T` for row-major f32 `x: [m, k]` and `w: [n, k]`.
-pub struct MatmulTransposed<'a>(pub &'a Blas);
+impl Blas {
+    /// `out = x @ w^T` for row-major f32 `x: [m, k]`, `w: [n, k]`, `out: [m, n]`.
+    pub fn matmul_t(&self, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+        assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        // SAFETY: x is m*k, w is n*k and out is m*n f32 values, row-major,
+        // as the dimensions and leading strides passed here describe.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                x.as_ptr(),
+                k as i32,
+                w.as_ptr(),
+                k as i32,
+                0.0,
+                out.as_mut_ptr(),
+                n as i32,
+            );
+        }
+    }
+}
 
 /// The f32 values a contiguous CPU tensor covers.
 pub(crate) fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
@@ -104,51 +131,5 @@ pub(crate) fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> R
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what} must be contiguous"),
-    }
-}
-
-impl CustomOp2 for MatmulTransposed<'_> {
-    fn name(&self) -> &'static str {
-        "blas-matmul-t"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("blas matmul: inner dims differ ({m}x{k} @ ({n}x{k2})^T)");
-        }
-        let x = contiguous_f32(s1, l1, "input")?;
-        let w = contiguous_f32(s2, l2, "weight")?;
-        let mut out = vec![0f32; m * n];
-        if m > 0 && n > 0 {
-            // SAFETY: x is m*k, w is n*k and out is m*n f32 values, row-major,
-            // as the dimensions and leading strides passed here describe.
-            unsafe {
-                (self.0.sgemm)(
-                    ROW_MAJOR,
-                    NO_TRANS,
-                    TRANS,
-                    m as i32,
-                    n as i32,
-                    k as i32,
-                    1.0,
-                    x.as_ptr(),
-                    k as i32,
-                    w.as_ptr(),
-                    k as i32,
-                    0.0,
-                    out.as_mut_ptr(),
-                    n as i32,
-                );
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

@@ -1,9 +1,12 @@
-//! The key/value pool: for every layer, one tensor of `[slots, kv_heads,
+//! The key/value pool: for every layer, one tensor of `[kv_heads, slots,
 //! head_dim]` keys and one of values, carved into fixed-size blocks.
 //!
 //! A sequence owns a list of block IDs (its block table); its position `p`
 //! lives in slot `table[p / block_size] * block_size + p % block_size`. The
 //! pool is allocated once, so it is the only memory that grows with tokens.
+//! Head-major so that one head's keys for a block are one contiguous run:
+//! attention reads a head's cache block by block, and the memory prefetcher
+//! follows runs, not rows scattered a page apart.
 //! Which blocks are free or shared is the engine's bookkeeping
 //! (`engine::block_pool`); this type only stores and reads rows.
 
@@ -26,7 +29,7 @@ impl KvPool {
         device: &Device,
     ) -> Result<Self> {
         let slots = num_blocks * block_size;
-        let alloc = || Tensor::zeros((slots, kv_heads, head_dim), dtype, device);
+        let alloc = || Tensor::zeros((kv_heads, slots, head_dim), dtype, device);
         Ok(Self {
             keys: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
             values: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
@@ -67,8 +70,8 @@ impl KvPool {
         );
         for t in self.keys.iter().chain(&self.values) {
             // A real copy: a narrowed view shares the pool's storage.
-            let part = t.narrow(0, src, rows)?.copy()?;
-            t.slice_set(&part, 0, dst)?;
+            let part = t.narrow(1, src, rows)?.force_contiguous()?;
+            t.slice_set(&part, 1, dst)?;
         }
         Ok(())
     }
@@ -81,10 +84,10 @@ impl KvPool {
             } else {
                 let (n, heads, dim) = rows.dims3()?;
                 let idx = Tensor::from_slice(slots, n, pool.device())?
-                    .reshape((n, 1, 1))?
-                    .broadcast_as((n, heads, dim))?
+                    .reshape((1, n, 1))?
+                    .broadcast_as((heads, n, dim))?
                     .contiguous()?;
-                pool.scatter_set(&idx, &rows.contiguous()?, 0)?;
+                pool.scatter_set(&idx, &rows.transpose(0, 1)?.contiguous()?, 1)?;
             }
         }
         Ok(())
@@ -96,7 +99,7 @@ pub fn slot(table: &[u32], block_size: usize, pos: usize) -> u32 {
     table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
 }
 
-/// CPU in-place row copy: `pool[slots[i]] = rows[i]`.
+/// CPU in-place row copy: `pool[h, slots[i]] = rows[i, h]` for every head `h`.
 struct WriteRows<'a> {
     slots: &'a [u32],
 }
@@ -113,17 +116,26 @@ impl InplaceOp2 for WriteRows<'_> {
         rows: &CpuStorage,
         rl: &Layout,
     ) -> Result<()> {
-        let row = pl.shape().dims()[1..].iter().product::<usize>();
+        let (heads, pool_slots, dim) = pl.shape().dims3()?;
         let (Some((p0, _)), Some((r0, r1))) = (pl.contiguous_offsets(), rl.contiguous_offsets())
         else {
             candle_core::bail!("kv pool and rows must be contiguous");
         };
+        if r1 - r0 != self.slots.len() * heads * dim {
+            candle_core::bail!("kv rows do not match {} slots", self.slots.len());
+        }
+        if let Some(&s) = self.slots.iter().find(|&&s| s as usize >= pool_slots) {
+            candle_core::bail!("kv slot {s} is outside the pool ({pool_slots} slots)");
+        }
         macro_rules! copy_rows {
             ($dst:expr, $src:expr) => {{
                 let src = &$src[r0..r1];
                 for (i, &s) in self.slots.iter().enumerate() {
-                    let at = p0 + s as usize * row;
-                    $dst[at..at + row].copy_from_slice(&src[i * row..(i + 1) * row]);
+                    for h in 0..heads {
+                        let at = p0 + (h * pool_slots + s as usize) * dim;
+                        let from = (i * heads + h) * dim;
+                        $dst[at..at + dim].copy_from_slice(&src[from..from + dim]);
+                    }
                 }
             }};
         }

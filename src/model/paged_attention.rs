@@ -92,7 +92,12 @@ impl PagedAttention<'_> {
     ) {
         let (nh, hd) = (self.num_heads, self.head_dim);
         let group = nh / self.num_kv_heads;
-        let kv_row = self.num_kv_heads * hd;
+        // This head's part of the pool: `[slots, hd]`.
+        let head_len = k.len() / self.num_kv_heads;
+        let (k, v) = (
+            &k[kvh * head_len..][..head_len],
+            &v[kvh * head_len..][..head_len],
+        );
         let visible = span.offset + i + 1;
         let scale = 1.0 / (hd as f32).sqrt();
         let q_row = &q[(span.start + i) * nh * hd + kvh * group * hd..][..group * hd];
@@ -100,7 +105,7 @@ impl PagedAttention<'_> {
         let mut max = vec![f32::NEG_INFINITY; group];
         for p in 0..visible {
             let s = slot(span.block_table, self.block_size, p) as usize;
-            let key = &k[s * kv_row + kvh * hd..][..hd];
+            let key = &k[s * hd..][..hd];
             for g in 0..group {
                 let score = dot::<FMA>(&q_row[g * hd..(g + 1) * hd], key) * scale;
                 scores[g * visible + p] = score;
@@ -120,7 +125,7 @@ impl PagedAttention<'_> {
         out.fill(0.0);
         for p in 0..visible {
             let s = slot(span.block_table, self.block_size, p) as usize;
-            let value = &v[s * kv_row + kvh * hd..][..hd];
+            let value = &v[s * hd..][..hd];
             for g in 0..group {
                 axpy::<FMA>(
                     scores[g * visible + p],
@@ -204,7 +209,7 @@ impl CustomOp3 for PagedAttention<'_> {
 }
 
 /// Attention for every span: `q` is `[tokens, heads, hd]` (after RoPE), the
-/// pool tensors `[slots, kv_heads, hd]` already hold this step's keys/values.
+/// pool tensors `[kv_heads, slots, hd]` already hold this step's keys/values.
 /// Returns `[tokens, heads * hd]`.
 pub fn attend(
     q: &Tensor,
@@ -225,27 +230,26 @@ pub fn attend(
             .map(|p| slot(span.block_table, op.block_size, p))
             .collect();
         let idx = Tensor::from_vec(slots, visible, q.device())?;
-        let k = keys.index_select(&idx, 0)?;
-        let v = values.index_select(&idx, 0)?;
+        let k = keys.index_select(&idx, 1)?;
+        let v = values.index_select(&idx, 1)?;
         let qs = q.narrow(0, span.start, span.len)?;
-        outputs.push(gathered(&qs, &k, &v, span.offset, op.num_kv_heads)?);
+        outputs.push(gathered(&qs, &k, &v, span.offset)?);
     }
     Tensor::cat(&outputs, 0)
 }
 
 /// Attention of `q` (`[n, heads, hd]`, positions `offset..offset+n`) over
-/// gathered `k`/`v` (`[offset+n, kv_heads, hd]`). Returns `[n, heads*hd]`.
-fn gathered(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+/// gathered `k`/`v` (`[kv_heads, offset+n, hd]`). Returns `[n, heads*hd]`.
+fn gathered(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
     let (n, nh, hd) = q.dims3()?;
+    let (nkv, total, _) = k.dims3()?;
     let group = nh / nkv;
-    let total = k.dims()[0];
     // Query heads h*group..(h+1)*group share kv head h: fold them into rows.
     let q = q
         .transpose(0, 1)?
         .contiguous()?
         .reshape((nkv, group * n, hd))?;
-    let k = k.transpose(0, 1)?.contiguous()?;
-    let v = v.transpose(0, 1)?.contiguous()?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
     let scale = 1.0 / (hd as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let scores = if n > 1 {

@@ -1,0 +1,274 @@
+//! f32 `x @ w^T` for a few rows of `x` (decode steps), reading every weight
+//! once, straight from its Hugging Face `[out, in]` layout.
+//!
+//! With a few dozen activation rows a decode step is bound by streaming the
+//! weights from memory. BLAS first copies ("packs") each weight panel and
+//! only then multiplies, so the memory read and the arithmetic do not
+//! overlap; on the engine's decode shapes that copy took as long as the
+//! multiplication itself. Here the activations are transposed once per call
+//! (`[k, m]`, small enough to stay in cache) and each weight value, as it
+//! streams in, is broadcast against a whole column of them: a tile of `NR`
+//! weight rows times `16 * MV` activation rows lives in registers for the
+//! whole inner dimension.
+//!
+//! x86-64 with AVX-512F or AVX2+FMA only (chosen at run time); elsewhere
+//! [`matmul_t`] returns `false` and the caller uses BLAS or candle.
+
+use rayon::prelude::*;
+
+/// Activation rows up to which this kernel beats BLAS (measured by
+/// `cargo bench --bench engine`, "skinny matmul" table).
+pub const MAX_ROWS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+static DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Switches the kernel off (true) or back on, process-wide, so the benchmark
+/// can measure BLAS on the same shapes in one run.
+pub fn set_disabled(disabled: bool) {
+    DISABLED.store(disabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn isa() -> Option<Isa> {
+    if DISABLED.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var("GYM_SERVE_SKINNY").as_deref() == Ok("off") {
+                None
+            } else if std::arch::is_x86_feature_detected!("avx512f") {
+                Some(Isa::Avx512)
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Whether [`matmul_t`] runs on this CPU.
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// Output pointer shared by the tasks; each writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own output columns).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `at` is inside the output and no other task writes it.
+    unsafe fn write(self, at: usize, value: f32) {
+        *self.0.add(at) = value;
+    }
+}
+
+/// `out[m, n] = sum_k x[m, k] * w[n, k]` (row-major, `out` fully overwritten).
+/// Returns `false` (and does nothing) if this CPU has no kernel.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> bool {
+    let Some(isa) = isa() else { return false };
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return true;
+    }
+    // Column width (activation rows per pass) and tile height (weight rows).
+    let (width, rows) = match isa {
+        Isa::Avx512 if m <= 16 => (16, 16),
+        Isa::Avx512 => (32, 12),
+        Isa::Avx2 => (16, 6),
+    };
+    let mpad = m.div_ceil(width) * width;
+    let mut xt = vec![0f32; k * mpad];
+    for (j, row) in x.chunks_exact(k).take(m).enumerate() {
+        for (kk, &v) in row.iter().enumerate() {
+            xt[kk * mpad + j] = v;
+        }
+    }
+    let tiles = n.div_ceil(rows);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let xt = &xt;
+    (0..tiles).into_par_iter().with_min_len(4).for_each(|t| {
+        let n0 = t * rows;
+        let live = rows.min(n - n0);
+        // Rows past the end repeat the last one; their results are dropped.
+        let row_ptrs: [*const f32; 16] =
+            std::array::from_fn(|r| w[(n0 + r.min(live - 1)) * k..].as_ptr());
+        let mut tile = [0f32; 16 * 32];
+        for c in (0..m).step_by(width) {
+            // SAFETY: the CPU has the features `isa` names; `xt` holds
+            // k * mpad values and `c + width <= mpad`; every row pointer
+            // starts a weight row of k values; `tile` holds rows * width.
+            unsafe {
+                match (isa, width) {
+                    (Isa::Avx512, 16) => {
+                        x86::tile_avx512::<1, 16>(xt.as_ptr().add(c), mpad, &row_ptrs, k, &mut tile)
+                    }
+                    (Isa::Avx512, _) => {
+                        x86::tile_avx512::<2, 12>(xt.as_ptr().add(c), mpad, &row_ptrs, k, &mut tile)
+                    }
+                    (Isa::Avx2, _) => {
+                        x86::tile_avx2::<2, 6>(xt.as_ptr().add(c), mpad, &row_ptrs, k, &mut tile)
+                    }
+                }
+            }
+            for j in 0..width.min(m - c) {
+                for r in 0..live {
+                    // SAFETY: (c + j) < m and n0 + r < n; this task alone
+                    // writes columns n0..n0 + live.
+                    unsafe { out_ptr.write((c + j) * n + n0 + r, tile[r * width + j]) };
+                }
+            }
+        }
+    });
+    true
+}
+
+// Register tiles read best as index loops.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// How far ahead in each weight row to prefetch (floats): a few cache
+    /// lines, so a dozen row streams keep the memory bus busy.
+    const PREFETCH_AHEAD: usize = 128;
+
+    /// One tile: `tile[r * 16MV + j] = sum_kk rows[r][kk] * xt[kk * stride + j]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512<const MV: usize, const NR: usize>(
+        xt: *const f32,
+        stride: usize,
+        rows: &[*const f32; 16],
+        k: usize,
+        tile: &mut [f32; 16 * 32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); MV]; NR];
+        for kk in 0..k {
+            if kk % 16 == 0 {
+                for row in rows.iter().take(NR) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(kk + PREFETCH_AHEAD) as *const i8);
+                }
+            }
+            let xp = xt.add(kk * stride);
+            let mut xv = [_mm512_setzero_ps(); MV];
+            for (v, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(xp.add(16 * v));
+            }
+            for r in 0..NR {
+                let b = _mm512_set1_ps(*rows[r].add(kk));
+                for v in 0..MV {
+                    acc[r][v] = _mm512_fmadd_ps(b, xv[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..NR {
+            for v in 0..MV {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * 16 * MV + 16 * v), acc[r][v]);
+            }
+        }
+    }
+
+    /// [`tile_avx512`] with 8-lane vectors.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2<const MV: usize, const NR: usize>(
+        xt: *const f32,
+        stride: usize,
+        rows: &[*const f32; 16],
+        k: usize,
+        tile: &mut [f32; 16 * 32],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); MV]; NR];
+        for kk in 0..k {
+            if kk % 16 == 0 {
+                for row in rows.iter().take(NR) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(kk + PREFETCH_AHEAD) as *const i8);
+                }
+            }
+            let xp = xt.add(kk * stride);
+            let mut xv = [_mm256_setzero_ps(); MV];
+            for (v, x) in xv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(xp.add(8 * v));
+            }
+            for r in 0..NR {
+                let b = _mm256_set1_ps(*rows[r].add(kk));
+                for v in 0..MV {
+                    acc[r][v] = _mm256_fmadd_ps(b, xv[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..NR {
+            for v in 0..MV {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * 8 * MV + 8 * v), acc[r][v]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_a_reference_for_ragged_shapes() {
+        if !available() {
+            return;
+        }
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (3, 64, 13),
+            (16, 33, 40),
+            (17, 100, 25),
+            (33, 128, 37),
+            (64, 96, 50),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let mut out = vec![f32::NAN; m * n];
+            assert!(matmul_t(&x, m, k, &w, n, &mut out));
+            let want = reference(&x, m, k, &w, n);
+            for (a, b) in out.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (k as f32),
+                    "{m}x{k}x{n}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
