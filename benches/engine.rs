@@ -6,6 +6,7 @@
 //! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
 //! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
 //! GYM_SERVE_BENCH_MATMUL_ONLY=1 to stop after the matmul tables,
+//! GYM_SERVE_BENCH_SIMD=avx2 to run the AVX2 kernels on an AVX-512 machine,
 //! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model).
 
 use candle_core::{DType, Device, Tensor};
@@ -124,11 +125,15 @@ fn main() {
         _ => Preset::Qwen3_0_6bShape,
     };
     let gen_len = if quick { 32 } else { 128 };
+    if std::env::var("GYM_SERVE_BENCH_SIMD").as_deref() == Ok("avx2") {
+        gym_serve::model::simd::set_cap(gym_serve::model::simd::Simd::Avx2);
+    }
     let shape = preset.shape(Architecture::Qwen3);
     let cfg = ModelConfig::from_json(&config_json(&shape, 0, 1).to_string()).unwrap();
     println!(
-        "gym-serve engine benchmark: {preset:?} (f32, CPU, {} threads)",
-        rayon::current_num_threads()
+        "gym-serve engine benchmark: {preset:?} (f32, CPU, {} threads, kernels: {:?})",
+        rayon::current_num_threads(),
+        gym_serve::model::simd::simd()
     );
     let blas_name = blas::blas().map_or("none (candle fallback)".to_string(), |b| b.name.clone());
     println!("BLAS: {blas_name}");

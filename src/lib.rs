@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod fixtures;
 pub mod loader;
+pub mod math;
 pub mod model;
 pub mod push;
 pub mod server;

@@ -7,6 +7,7 @@
 //! reported while sampling.
 
 use super::params::{DistributionParams, LogprobsMode};
+use crate::math;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Ordering;
@@ -21,13 +22,32 @@ pub struct SampledToken {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
-/// `log(sum(exp(x)))` over the given indices, stable.
-fn log_sum_exp(values: impl Iterator<Item = f32> + Clone) -> f32 {
-    let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
+/// `log(sum(exp(x)))` over `values`, stable.
+fn log_sum_exp(values: &[f32]) -> f32 {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let sum: f64 = values.map(|v| ((v - max) as f64).exp()).sum();
+    max + math::sum_exp(values, max).ln() as f32
+}
+
+/// `log(sum(exp(values[i])))` over the given indices, stable.
+fn log_sum_exp_of(values: &[f32], indices: &[u32]) -> f32 {
+    if indices.len() == values.len() {
+        // Nothing filtered out: the contiguous (vectorized) pass.
+        return log_sum_exp(values);
+    }
+    let max = indices
+        .iter()
+        .map(|&i| values[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f64 = indices
+        .iter()
+        .map(|&i| math::exp(values[i as usize] - max) as f64)
+        .sum();
     max + sum.ln() as f32
 }
 
@@ -101,7 +121,7 @@ impl Processed {
             }
         }
         if p.top_p < 1.0 {
-            let log_z = log_sum_exp(kept.iter().map(|&i| scaled[i as usize]));
+            let log_z = log_sum_exp_of(&scaled, &kept);
             let mut prefix = top_indices(&scaled, &kept, TOP_P_PREFIX.min(kept.len()));
             if nucleus_len(&scaled, &prefix, log_z, p.top_p).is_none() {
                 prefix = top_indices(&scaled, &kept, kept.len());
@@ -111,7 +131,7 @@ impl Processed {
             kept = prefix;
             sorted = true;
         }
-        let log_z = log_sum_exp(kept.iter().map(|&i| scaled[i as usize]));
+        let log_z = log_sum_exp_of(&scaled, &kept);
         Self {
             scaled,
             kept,
@@ -132,7 +152,7 @@ impl Processed {
         let u: f64 = rng.random::<f64>();
         let mut acc = 0.0f64;
         for &i in &self.kept {
-            acc += ((self.scaled[i as usize] - self.log_z) as f64).exp();
+            acc += math::exp(self.scaled[i as usize] - self.log_z) as f64;
             if u < acc {
                 return i;
             }
@@ -159,7 +179,7 @@ impl Processed {
 fn nucleus_len(scaled: &[f32], sorted: &[u32], log_z: f32, top_p: f32) -> Option<usize> {
     let mut acc = 0.0f64;
     for (n, &i) in sorted.iter().enumerate() {
-        acc += ((scaled[i as usize] - log_z) as f64).exp();
+        acc += math::exp(scaled[i as usize] - log_z) as f64;
         if acc >= top_p as f64 {
             return Some(n + 1);
         }
@@ -177,7 +197,7 @@ impl<'a> Raw<'a> {
     fn new(logits: &'a [f32]) -> Self {
         Self {
             logits,
-            log_z: log_sum_exp(logits.iter().copied()),
+            log_z: log_sum_exp(logits),
         }
     }
     fn logprob(&self, token: u32) -> f32 {

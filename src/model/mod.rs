@@ -14,6 +14,7 @@ pub mod mlp;
 pub mod norm;
 pub mod paged_attention;
 pub mod rope;
+pub mod simd;
 pub mod skinny;
 
 use crate::config::ModelConfig;

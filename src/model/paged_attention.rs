@@ -7,6 +7,8 @@
 
 use super::blas::contiguous_f32;
 use super::kv_cache::slot;
+use super::simd::{simd, Simd};
+use crate::math;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,14 +41,15 @@ pub struct PagedAttention<'a> {
     pub head_dim: usize,
 }
 
-/// `sum(a[i] * b[i])` with eight accumulators, so it vectorizes; with `FMA`
-/// the multiply-adds are fused (only inside code compiled with that feature).
+/// `sum(a[i] * b[i])` with `L` accumulators, so it vectorizes to `L`-lane
+/// registers; with `FMA` the multiply-adds are fused (only inside code
+/// compiled with that feature: elsewhere `mul_add` is a libm call).
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (x, y) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for l in 0..8 {
+fn dot<const L: usize, const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let chunks = a.len() / L * L;
+    for (x, y) in a[..chunks].chunks_exact(L).zip(b[..chunks].chunks_exact(L)) {
+        for l in 0..L {
             acc[l] = if FMA {
                 x[l].mul_add(y[l], acc[l])
             } else {
@@ -59,6 +62,37 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         s += a[i] * b[i];
     }
     s
+}
+
+/// Asks the CPU to start loading `data` into cache (the next block of a
+/// head's run; blocks of one sequence need not be adjacent in the pool).
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: prefetching is a hint; the address is inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// `sum(a)` with `L` accumulators (vectorizes).
+#[inline(always)]
+fn sum<const L: usize>(a: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let chunks = a.chunks_exact(L);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..L {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
 }
 
 /// `y += alpha * x`.
@@ -76,11 +110,12 @@ fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
 impl PagedAttention<'_> {
     /// Attention of one query token against one KV head's cached positions,
     /// for the `group` query heads that share that KV head. Reading each key
-    /// and value row once for the whole group keeps the kernel close to the
-    /// memory bandwidth the cache needs. `out` holds the group's heads.
+    /// and value row once for the whole group, a block's run at a time, keeps
+    /// the kernel close to the memory bandwidth the cache needs. `out` holds
+    /// the group's heads.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn group_row<const FMA: bool>(
+    fn group_row<const L: usize, const FMA: bool>(
         &self,
         q: &[f32],
         k: &[f32],
@@ -90,7 +125,7 @@ impl PagedAttention<'_> {
         kvh: usize,
         out: &mut [f32],
     ) {
-        let (nh, hd) = (self.num_heads, self.head_dim);
+        let (nh, hd, bs) = (self.num_heads, self.head_dim, self.block_size);
         let group = nh / self.num_kv_heads;
         // This head's part of the pool: `[slots, hd]`.
         let head_len = k.len() / self.num_kv_heads;
@@ -101,37 +136,54 @@ impl PagedAttention<'_> {
         let visible = span.offset + i + 1;
         let scale = 1.0 / (hd as f32).sqrt();
         let q_row = &q[(span.start + i) * nh * hd + kvh * group * hd..][..group * hd];
+        let q_scaled: Vec<f32> = q_row.iter().map(|x| x * scale).collect();
+        // Runs of consecutive positions: (first position, pool row, length).
+        let runs = (0..visible.div_ceil(bs)).map(|b| {
+            let first = b * bs;
+            (
+                first,
+                span.block_table[b] as usize * bs,
+                bs.min(visible - first),
+            )
+        });
         let mut scores = vec![0f32; group * visible];
-        let mut max = vec![f32::NEG_INFINITY; group];
-        for p in 0..visible {
-            let s = slot(span.block_table, self.block_size, p) as usize;
-            let key = &k[s * hd..][..hd];
-            for g in 0..group {
-                let score = dot::<FMA>(&q_row[g * hd..(g + 1) * hd], key) * scale;
-                scores[g * visible + p] = score;
-                max[g] = max[g].max(score);
+        let next_run = |b: usize, data: &[f32]| {
+            if let Some(&next) = span.block_table.get(b + 1) {
+                if (b + 1) * bs < visible {
+                    prefetch(&data[next as usize * bs * hd..][..bs * hd]);
+                }
+            }
+        };
+        for (b, (first, row, len)) in runs.clone().enumerate() {
+            next_run(b, k);
+            let keys = &k[row * hd..][..len * hd];
+            for (j, key) in keys.chunks_exact(hd).enumerate() {
+                for g in 0..group {
+                    scores[g * visible + first + j] =
+                        dot::<L, FMA>(&q_scaled[g * hd..(g + 1) * hd], key);
+                }
             }
         }
         for g in 0..group {
             let row = &mut scores[g * visible..(g + 1) * visible];
-            let mut total = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max[g]).exp();
-                total += *x;
-            }
-            let inv = 1.0 / total;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Separate passes: a running sum would keep the exps scalar.
+            row.iter_mut().for_each(|x| *x = math::exp(*x - max));
+            let inv = 1.0 / sum::<L>(row);
             row.iter_mut().for_each(|x| *x *= inv);
         }
         out.fill(0.0);
-        for p in 0..visible {
-            let s = slot(span.block_table, self.block_size, p) as usize;
-            let value = &v[s * hd..][..hd];
-            for g in 0..group {
-                axpy::<FMA>(
-                    scores[g * visible + p],
-                    value,
-                    &mut out[g * hd..(g + 1) * hd],
-                );
+        for (b, (first, row, len)) in runs.enumerate() {
+            next_run(b, v);
+            let values = &v[row * hd..][..len * hd];
+            for (j, value) in values.chunks_exact(hd).enumerate() {
+                for g in 0..group {
+                    axpy::<FMA>(
+                        scores[g * visible + first + j],
+                        value,
+                        &mut out[g * hd..(g + 1) * hd],
+                    );
+                }
             }
         }
     }
@@ -139,22 +191,23 @@ impl PagedAttention<'_> {
     fn run(&self, q: &[f32], k: &[f32], v: &[f32], items: &[(usize, usize)], out: &mut [f32]) {
         let group_len = self.num_heads / self.num_kv_heads * self.head_dim;
         let nkv = self.num_kv_heads;
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
+        let simd = simd();
         // One work item per (query token, KV head).
         out.par_chunks_mut(group_len)
             .enumerate()
             .for_each(|(c, o)| {
                 let (si, i) = items[c / nkv];
                 let span = &self.spans[si];
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                    unsafe { self.group_row_avx2(q, k, v, span, i, c % nkv, o) };
-                    return;
+                let kvh = c % nkv;
+                match simd {
+                    // SAFETY: the CPU has the features (checked by `simd`).
+                    #[cfg(target_arch = "x86_64")]
+                    Simd::Avx512 => unsafe { self.group_row_avx512(q, k, v, span, i, kvh, o) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Simd::Avx2 => unsafe { self.group_row_avx2(q, k, v, span, i, kvh, o) },
+                    _ => self.group_row::<8, false>(q, k, v, span, i, kvh, o),
                 }
-                self.group_row::<false>(q, k, v, span, i, c % nkv, o);
             });
     }
 
@@ -172,7 +225,24 @@ impl PagedAttention<'_> {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.group_row::<true>(q, k, v, span, i, kvh, out)
+        self.group_row::<8, true>(q, k, v, span, i, kvh, out)
+    }
+
+    /// [`Self::group_row`] compiled for AVX-512 (16-lane accumulators).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group_row_avx512(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        span: &SeqSpan<'_>,
+        i: usize,
+        kvh: usize,
+        out: &mut [f32],
+    ) {
+        self.group_row::<16, true>(q, k, v, span, i, kvh, out)
     }
 }
 

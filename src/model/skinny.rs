@@ -14,17 +14,12 @@
 //! x86-64 with AVX-512F or AVX2+FMA only (chosen at run time); elsewhere
 //! [`matmul_t`] returns `false` and the caller uses BLAS or candle.
 
+use super::simd::{simd, Simd};
 use rayon::prelude::*;
 
 /// Activation rows up to which this kernel beats BLAS (measured by
 /// `cargo bench --bench engine`, "skinny matmul" table).
 pub const MAX_ROWS: usize = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512,
-    Avx2,
-}
 
 static DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -34,29 +29,14 @@ pub fn set_disabled(disabled: bool) {
     DISABLED.store(disabled, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn isa() -> Option<Isa> {
+fn isa() -> Option<Simd> {
     if DISABLED.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::env::var("GYM_SERVE_SKINNY").as_deref() == Ok("off") {
-                None
-            } else if std::arch::is_x86_feature_detected!("avx512f") {
-                Some(Isa::Avx512)
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                Some(Isa::Avx2)
-            } else {
-                None
-            }
-        })
+    match simd() {
+        Simd::Baseline => None,
+        isa => Some(isa),
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    None
 }
 
 /// Whether [`matmul_t`] runs on this CPU.
@@ -82,7 +62,32 @@ impl OutPtr {
 /// `out[m, n] = sum_k x[m, k] * w[n, k]` (row-major, `out` fully overwritten).
 /// Returns `false` (and does nothing) if this CPU has no kernel.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> bool {
-    let Some(isa) = isa() else { return false };
+    isa().is_some_and(|isa| matmul_t_with(isa, x, m, k, w, n, out))
+}
+
+/// Column width (activation rows per pass) and tile height (weight rows) of
+/// the kernel for `isa` and `m` rows; `None` without one.
+fn tile_shape(isa: Simd, m: usize) -> Option<(usize, usize)> {
+    match isa {
+        Simd::Avx512 if m <= 16 => Some((16, 16)),
+        Simd::Avx512 => Some((32, 12)),
+        Simd::Avx2 => Some((16, 6)),
+        Simd::Baseline => None,
+    }
+}
+
+fn matmul_t_with(
+    isa: Simd,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> bool {
+    let Some((width, rows)) = tile_shape(isa, m) else {
+        return false;
+    };
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     if m == 0 || n == 0 {
         return true;
@@ -91,12 +96,6 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
         out[..m * n].fill(0.0);
         return true;
     }
-    // Column width (activation rows per pass) and tile height (weight rows).
-    let (width, rows) = match isa {
-        Isa::Avx512 if m <= 16 => (16, 16),
-        Isa::Avx512 => (32, 12),
-        Isa::Avx2 => (16, 6),
-    };
     let mpad = m.div_ceil(width) * width;
     let mut xt = vec![0f32; k * mpad];
     for (j, row) in x.chunks_exact(k).take(m).enumerate() {
@@ -119,18 +118,16 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
             // k * mpad values and `c + width <= mpad`; every row pointer
             // starts a weight row of k values; `tile` holds rows * width.
             unsafe {
-                match (isa, width) {
-                    (Isa::Avx512, 16) => {
-                        x86::tile_avx512::<1, 16>(xt.as_ptr().add(c), mpad, &row_ptrs, k, &mut tile)
-                    }
-                    (Isa::Avx512, _) => {
-                        x86::tile_avx512::<2, 12>(xt.as_ptr().add(c), mpad, &row_ptrs, k, &mut tile)
-                    }
-                    (Isa::Avx2, _) => {
-                        x86::tile_avx2::<2, 6>(xt.as_ptr().add(c), mpad, &row_ptrs, k, &mut tile)
-                    }
-                }
-            }
+                run_tile(
+                    isa,
+                    width,
+                    xt.as_ptr().add(c),
+                    mpad,
+                    &row_ptrs,
+                    k,
+                    &mut tile,
+                )
+            };
             for j in 0..width.min(m - c) {
                 for r in 0..live {
                     // SAFETY: (c + j) < m and n0 + r < n; this task alone
@@ -141,6 +138,42 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
         }
     });
     true
+}
+
+/// One register tile with the kernel [`tile_shape`] chose.
+///
+/// # Safety
+/// The CPU has `isa`; `xt` points at `k` rows of `stride >= width` values;
+/// each of `rows` starts `k` readable values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_tile(
+    isa: Simd,
+    width: usize,
+    xt: *const f32,
+    stride: usize,
+    rows: &[*const f32; 16],
+    k: usize,
+    tile: &mut [f32; 16 * 32],
+) {
+    match (isa, width) {
+        (Simd::Avx512, 16) => x86::tile_avx512::<1, 16>(xt, stride, rows, k, tile),
+        (Simd::Avx512, _) => x86::tile_avx512::<2, 12>(xt, stride, rows, k, tile),
+        (Simd::Avx2, _) => x86::tile_avx2::<2, 6>(xt, stride, rows, k, tile),
+        (Simd::Baseline, _) => {}
+    }
+}
+
+/// Never called: [`tile_shape`] offers no kernel off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn run_tile(
+    _: Simd,
+    _: usize,
+    _: *const f32,
+    _: usize,
+    _: &[*const f32; 16],
+    _: usize,
+    _: &mut [f32; 16 * 32],
+) {
 }
 
 // Register tiles read best as index loops.
@@ -240,34 +273,42 @@ mod tests {
         out
     }
 
+    /// Every kernel this CPU can run (an AVX-512 machine also checks AVX2).
+    fn kernels() -> Vec<Simd> {
+        [Simd::Avx512, Simd::Avx2]
+            .into_iter()
+            .filter(|&isa| simd() >= isa)
+            .collect()
+    }
+
     #[test]
     fn matches_a_reference_for_ragged_shapes() {
-        if !available() {
-            return;
-        }
         let mut state = 12345u64;
         let mut next = || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for &(m, k, n) in &[
+        let shapes = [
             (1, 7, 5),
             (3, 64, 13),
             (16, 33, 40),
             (17, 100, 25),
             (33, 128, 37),
             (64, 96, 50),
-        ] {
-            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-            let mut out = vec![f32::NAN; m * n];
-            assert!(matmul_t(&x, m, k, &w, n, &mut out));
-            let want = reference(&x, m, k, &w, n);
-            for (a, b) in out.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (k as f32),
-                    "{m}x{k}x{n}: {a} vs {b}"
-                );
+        ];
+        for isa in kernels() {
+            for &(m, k, n) in &shapes {
+                let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+                let mut out = vec![f32::NAN; m * n];
+                assert!(matmul_t_with(isa, &x, m, k, &w, n, &mut out));
+                let want = reference(&x, m, k, &w, n);
+                for (a, b) in out.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (k as f32),
+                        "{isa:?} {m}x{k}x{n}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
