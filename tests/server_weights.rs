@@ -249,6 +249,53 @@ fn refused_updates_leave_the_weights_bit_for_bit() {
     assert_eq!(resp.status().as_u16(), 200);
 }
 
+/// After a good push the server converts later pushes into the memory of the
+/// weights it replaced. Refused pushes that got as far as converting (a
+/// checksum mismatch, a truncated body) must still change nothing served, and
+/// the memory reused must give exactly the weights pushed.
+#[test]
+fn pushes_into_reused_memory_are_exact_and_refusals_still_change_nothing() {
+    let (x, y) = (model(7), model(8));
+    let a = Server::start(x.path(), &[]);
+    let fresh_x = Server::start(x.path(), &[]);
+    let fresh_y = Server::start(y.path(), &[]);
+    let (status, reply) = push(&a, weights_file(y.path()), "version=y");
+    assert_eq!(status, 200, "{reply}");
+    let serving_y = (scores(&a), completion(&a));
+    assert_eq!(serving_y.0, scores(&fresh_y));
+
+    // X's bytes, fully converted, then refused for their checksum.
+    let resp = a
+        .http
+        .post(a.url("/v1/weights"))
+        .header("x-weights-sha256", "00".repeat(32))
+        .body(weights_file(x.path()))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let good = weights_file(x.path());
+    let (status, _) = push(&a, good[..good.len() * 2 / 3].to_vec(), "");
+    assert_eq!(status, 400);
+    assert_eq!(
+        scores(&a),
+        serving_y.0,
+        "a refused push changed the weights"
+    );
+    same_output(&completion(&a), &serving_y.1);
+
+    // Back and forth: each push lands in memory an earlier version used.
+    for (dir, fresh, version) in [
+        (&x, &fresh_x, "x"),
+        (&y, &fresh_y, "y2"),
+        (&x, &fresh_x, "x2"),
+    ] {
+        let (status, reply) = push(&a, weights_file(dir.path()), &format!("version={version}"));
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(scores(&a), scores(fresh), "after pushing {version}");
+        same_output(&completion(&a), &completion(fresh));
+    }
+}
+
 #[test]
 fn bf16_push_converts_like_a_bf16_checkpoint() {
     let x = model(7);

@@ -43,6 +43,11 @@ pub struct AppState {
     pub device: candle_core::Device,
     /// The served parameters. The lock also serializes weight updates.
     pub weights: tokio::sync::Mutex<crate::weights::ParamStore>,
+    /// On the CPU, the tensors the last weight update replaced, which nothing
+    /// reads any more: the next push converts into their memory instead of
+    /// allocating (a fresh allocation's page faults cost as much as the
+    /// conversion). Touched only while `weights` is locked.
+    pub spare_weights: std::sync::Mutex<std::collections::HashMap<String, candle_core::Tensor>>,
     /// Required on weight and control endpoints when set.
     pub admin_api_key: Option<String>,
     /// Largest accepted `POST /v1/weights` body.

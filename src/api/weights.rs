@@ -13,7 +13,7 @@ use super::AppState;
 use crate::engine::PauseMode;
 use crate::model::Model;
 use crate::weights::checkpoint::read_checkpoint;
-use crate::weights::stream::StreamingUpdate;
+use crate::weights::stream::{Spawner, StreamingUpdate};
 use crate::weights::update::{stage_from_tensors, UpdateMode};
 use crate::weights::ParamStore;
 use axum::body::Body;
@@ -21,10 +21,12 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use candle_core::Tensor;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -177,8 +179,27 @@ async fn swap_in(
     .await
     .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))?;
     let model = model.map_err(|e| ApiError::Internal(format!("building the model: {e}")))?;
+    let asked = Instant::now();
     let report = state.engine.set_weights(model, version, pause).await?;
-    *served = staged;
+    tracing::info!(
+        waited = asked.elapsed().as_secs_f64(),
+        swap = report.swap_seconds,
+        "new weights swapped in (seconds waiting for a step boundary, and the swap itself)"
+    );
+    let previous = std::mem::replace(served, staged);
+    if state.device.is_cpu() {
+        // What the update replaced is no longer read by the engine (its old
+        // model is gone) nor served: keep it to convert the next push into.
+        let retired: HashMap<String, Tensor> = previous
+            .sorted()
+            .into_iter()
+            .filter(|(name, old)| served.get(name).map_or(true, |new| new.id() != old.id()))
+            .map(|(name, old)| (name.to_string(), old.clone()))
+            .collect();
+        if let Ok(mut spare) = state.spare_weights.lock() {
+            *spare = retired;
+        }
+    }
     Ok(report)
 }
 
@@ -207,7 +228,22 @@ pub async fn push_weights(
     let result = async {
         // Holding the lock for the whole update serializes concurrent pushes.
         let mut served = state.weights.lock().await;
-        let mut stage = StreamingUpdate::new(&state.config, mode, served.dtype(), &state.device);
+        // Conversions run on the engine thread between steps (see `between_steps`).
+        let engine = state.engine.clone();
+        let spawner: Spawner = Arc::new(move |job| engine.between_steps(job));
+        let reuse = state
+            .spare_weights
+            .lock()
+            .map(|mut spare| std::mem::take(&mut *spare))
+            .unwrap_or_default();
+        let mut stage = StreamingUpdate::new(
+            &state.config,
+            mode,
+            served.dtype(),
+            &state.device,
+            Some(spawner),
+            reuse,
+        );
         let (total, digest) = receive(body, &headers, state.max_weights_bytes, &mut stage).await?;
         let received = started.elapsed().as_secs_f64();
         if let (Some(expected), Some(digest)) = (headers.get(CHECKSUM_HEADER), digest) {

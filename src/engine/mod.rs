@@ -18,6 +18,7 @@ use crate::model::Model;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
 pub use stats::EngineStats;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -61,7 +62,16 @@ enum Command {
     Pause(PauseMode, oneshot::Sender<()>),
     Resume(oneshot::Sender<()>),
     ResetPrefixCache(oneshot::Sender<()>),
+    /// Work to run on the engine thread between steps (see [`EngineHandle::between_steps`]).
+    Background(BackgroundJob),
 }
+
+/// A job for [`EngineHandle::between_steps`].
+pub type BackgroundJob = Box<dyn FnOnce() + Send>;
+
+/// Longest stretch of background work between two steps: bounds how long it
+/// can delay the next token.
+const BACKGROUND_SLICE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -169,6 +179,17 @@ impl EngineHandle {
             .send(command(reply))
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Runs `job` on the engine thread between steps, where it may use the
+    /// whole compute pool (rayon) without competing with a step for the
+    /// cores. Jobs run in order, each gap between steps running jobs for up
+    /// to [`BACKGROUND_SLICE`] (at least one). Converting a weight push this
+    /// way gets the machine's full bandwidth in short slices instead of a
+    /// starved thread racing the engine's workers; generation goes on,
+    /// slower, between slices. Dropped if the engine has stopped.
+    pub fn between_steps(&self, job: BackgroundJob) {
+        let _ = self.commands.send(Command::Background(job));
     }
 
     /// Swaps `model` in between engine steps, labelled `version`; returns
@@ -343,7 +364,8 @@ impl EngineHandle {
 }
 
 fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
-    let apply = |core: &mut EngineCore, cmd: Command| match cmd {
+    let mut background: VecDeque<BackgroundJob> = VecDeque::new();
+    let apply = |core: &mut EngineCore, background: &mut VecDeque<BackgroundJob>, cmd| match cmd {
         Command::Generate(job) => core.add(job),
         Command::Score(job, reply) => {
             let result = core
@@ -362,11 +384,13 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
             core.reset_prefix_cache();
             let _ = reply.send(());
         }
+        Command::Background(job) => background.push_back(job),
     };
     loop {
         while let Ok(cmd) = commands.try_recv() {
-            apply(&mut core, cmd);
+            apply(&mut core, &mut background, cmd);
         }
+        run_background(&mut background);
         core.settle();
         if core.can_step() {
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.step()));
@@ -381,11 +405,28 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
             }
             continue;
         }
+        if !background.is_empty() {
+            continue; // idle: the rest of the background work, slice by slice
+        }
         // Nothing to run: sleep until a command arrives; every handle dropped
         // ends the loop.
         match commands.recv() {
-            Ok(cmd) => apply(&mut core, cmd),
+            Ok(cmd) => apply(&mut core, &mut background, cmd),
             Err(_) => return,
+        }
+    }
+}
+
+/// Runs queued background jobs for up to [`BACKGROUND_SLICE`] (at least one).
+/// A panicking job is logged and dropped; the engine goes on.
+fn run_background(jobs: &mut VecDeque<BackgroundJob>) {
+    let started = std::time::Instant::now();
+    while let Some(job) = jobs.pop_front() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+            tracing::error!("a background job panicked");
+        }
+        if started.elapsed() >= BACKGROUND_SLICE {
+            break;
         }
     }
 }

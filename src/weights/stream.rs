@@ -1,19 +1,25 @@
 //! Staging a safetensors body while it arrives. The header is checked as
 //! soon as it is in (names, shapes, dtypes, completeness, offsets), so a bad
-//! push is refused before its data is read; each tensor is then converted to
-//! the run dtype on the worker pool the moment its bytes are complete, which
-//! overlaps conversion with the network and never holds the whole body.
+//! push is refused before its data is read; each tensor is then handed off
+//! for conversion to the run dtype the moment its bytes are complete, which
+//! overlaps conversion with the network and never holds the whole body. The
+//! server hands conversions to the engine thread, which runs them between
+//! steps ([`crate::engine::EngineHandle::between_steps`]); without an
+//! engine they run on a staging thread.
 
-use super::update::{check_header, convert_bytes, is_tied_alias, UpdateMode};
+use super::update::{check_header, convert_bytes, convert_in_place, is_tied_alias, UpdateMode};
 use super::WeightsError;
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
 
-/// Converting pushed tensors runs on its own thread, not on the global pool
-/// the engine's attention and sampling use: a long conversion job queued
-/// there would stall generation until it finished.
+/// Runs a conversion job somewhere off the receiving task.
+pub type Spawner = std::sync::Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+/// Without an engine to run them between steps, conversions run on a thread
+/// of their own, not on the global pool the engine's kernels use: a long
+/// job queued there would stall generation until it finished.
 fn staging_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
@@ -121,11 +127,26 @@ pub struct StreamingUpdate {
     phase: Phase,
     entries: Vec<HeaderEntry>,
     pending: Vec<oneshot::Receiver<Result<(String, Tensor), WeightsError>>>,
+    spawner: Option<Spawner>,
+    /// Retired tensors, by name, to convert into instead of allocating.
+    reuse: HashMap<String, Tensor>,
 }
 
 impl StreamingUpdate {
-    pub fn new(cfg: &ModelConfig, mode: UpdateMode, run: DType, device: &Device) -> Self {
+    /// Conversions go to `spawner`, or to a staging thread if `None`. A
+    /// tensor named in `reuse` (which nothing else may read) is overwritten
+    /// in place rather than allocated anew.
+    pub fn new(
+        cfg: &ModelConfig,
+        mode: UpdateMode,
+        run: DType,
+        device: &Device,
+        spawner: Option<Spawner>,
+        reuse: HashMap<String, Tensor>,
+    ) -> Self {
         Self {
+            spawner,
+            reuse,
             cfg: cfg.clone(),
             mode,
             run,
@@ -187,7 +208,7 @@ impl StreamingUpdate {
         Ok(())
     }
 
-    /// Hands every complete tensor to the worker pool for conversion.
+    /// Hands every complete tensor off for conversion.
     fn dispatch_ready(&mut self) -> Result<(), WeightsError> {
         while let Phase::Data { next, buffer } = &mut self.phase {
             let Some(entry) = self.entries.get(*next) else {
@@ -202,15 +223,21 @@ impl StreamingUpdate {
                 continue; // the embedding stands in for it
             }
             let (entry, run, device) = (entry.clone(), self.run, self.device.clone());
+            let target = self.reuse.remove(&entry.name).filter(|_| run == DType::F32);
             let (tx, rx) = oneshot::channel();
             let job = move || {
-                let result = convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device)
-                    .map(|t| (entry.name, t));
-                let _ = tx.send(result);
+                let reused =
+                    target.and_then(|t| convert_in_place(&bytes, entry.dtype, &entry.shape, t));
+                let result = match reused {
+                    Some(t) => Ok(t),
+                    None => convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device),
+                };
+                let _ = tx.send(result.map(|t| (entry.name, t)));
             };
-            match staging_pool() {
-                Some(pool) => pool.spawn(job),
-                None => rayon::spawn(job),
+            match (&self.spawner, staging_pool()) {
+                (Some(spawn), _) => spawn(Box::new(job)),
+                (None, Some(pool)) => pool.spawn(job),
+                (None, None) => rayon::spawn(job),
             }
             self.pending.push(rx);
         }

@@ -139,26 +139,101 @@ pub(crate) fn is_tied_alias(cfg: &ModelConfig, name: &str) -> bool {
 
 /// Little-endian bf16/f16/f32 bytes straight to f32 values, in one pass.
 fn bytes_to_f32(bytes: &[u8], dtype: DType) -> Option<Vec<f32>> {
+    let width = f32_source_width(dtype)?;
+    let mut out = vec![0f32; bytes.len() / width];
+    convert_into(bytes, dtype, &mut out);
+    Some(out)
+}
+
+/// Bytes per value of a dtype [`convert_into`] reads.
+fn f32_source_width(dtype: DType) -> Option<usize> {
     match dtype {
-        DType::BF16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
-        ),
-        DType::F16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        DType::F32 => Some(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ),
+        DType::BF16 | DType::F16 => Some(2),
+        DType::F32 => Some(4),
         _ => None,
+    }
+}
+
+/// Little-endian bf16/f16/f32 `bytes` into `out`, split across the calling
+/// rayon pool (the conversion is memory-bound; one core does not saturate
+/// memory). `out` holds exactly one value per source value.
+fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) {
+    let width = f32_source_width(dtype).unwrap_or(4);
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .for_each(|(dst, src)| match dtype {
+            DType::BF16 => {
+                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
+            }
+            DType::F16 => {
+                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            _ => {
+                for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+        });
+}
+
+/// Converts one tensor's bytes into `target`'s memory, in place, when that is
+/// possible (a contiguous f32 CPU tensor of the same shape, bytes in a
+/// convertible dtype); otherwise returns `None` and leaves `target` alone.
+///
+/// `target` must be a tensor nothing else reads: a retired copy of the
+/// weights from before the last update (see `AppState::spare_weights`).
+/// Writing into memory that is already mapped avoids the page faults of a
+/// fresh allocation, which cost as much as the conversion itself.
+pub(crate) fn convert_in_place(
+    bytes: &[u8],
+    dtype: DType,
+    shape: &[usize],
+    target: Tensor,
+) -> Option<Tensor> {
+    let width = f32_source_width(dtype)?;
+    let fits = target.device().is_cpu()
+        && target.dtype() == DType::F32
+        && target.dims() == shape
+        && target.is_contiguous()
+        && bytes.len() == target.elem_count() * width;
+    if !fits {
+        return None;
+    }
+    target
+        .inplace_op1(&FillFromBytes { bytes, dtype })
+        .ok()
+        .map(|_| target)
+}
+
+/// In-place fill of an f32 CPU tensor from raw little-endian bytes.
+struct FillFromBytes<'a> {
+    bytes: &'a [u8],
+    dtype: DType,
+}
+
+impl candle_core::InplaceOp1 for FillFromBytes<'_> {
+    fn name(&self) -> &'static str {
+        "fill-from-bytes"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fill-from-bytes: target is not f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fill-from-bytes: target is not contiguous");
+        };
+        convert_into(self.bytes, self.dtype, &mut data[start..end]);
+        Ok(())
     }
 }
 
