@@ -130,6 +130,44 @@ pub struct StreamingUpdate {
     spawner: Option<Spawner>,
     /// Retired tensors, by name, to convert into instead of allocating.
     reuse: HashMap<String, Tensor>,
+    buffers: BufferPool,
+}
+
+/// Receive buffers handed back once their tensor is converted, so later
+/// tensors reuse memory that is already mapped (a fresh buffer per tensor
+/// cost the receiving thread a page fault per 4 KiB).
+#[derive(Clone, Default)]
+struct BufferPool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl BufferPool {
+    /// Most buffers kept: enough for the conversions in flight.
+    const KEEP: usize = 8;
+
+    /// An empty buffer, preferably one that already holds `size` bytes.
+    fn take(&self, size: usize) -> Vec<u8> {
+        let Ok(mut pool) = self.0.lock() else {
+            return Vec::new();
+        };
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= size)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => pool.swap_remove(i),
+            None => pool.pop().unwrap_or_default(),
+        }
+    }
+
+    fn give_back(&self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        if let Ok(mut pool) = self.0.lock() {
+            if pool.len() < Self::KEEP {
+                pool.push(buffer);
+            }
+        }
+    }
 }
 
 impl StreamingUpdate {
@@ -147,6 +185,7 @@ impl StreamingUpdate {
         Self {
             spawner,
             reuse,
+            buffers: BufferPool::default(),
             cfg: cfg.clone(),
             mode,
             run,
@@ -196,6 +235,9 @@ impl StreamingUpdate {
                     };
                     let size = entry.end - entry.begin;
                     if buffer.capacity() < size {
+                        if buffer.is_empty() {
+                            *buffer = self.buffers.take(size);
+                        }
                         buffer.reserve_exact(size - buffer.len());
                     }
                     let take = (size - buffer.len()).min(chunk.len());
@@ -224,6 +266,7 @@ impl StreamingUpdate {
             }
             let (entry, run, device) = (entry.clone(), self.run, self.device.clone());
             let target = self.reuse.remove(&entry.name).filter(|_| run == DType::F32);
+            let buffers = self.buffers.clone();
             let (tx, rx) = oneshot::channel();
             let job = move || {
                 let reused =
@@ -233,6 +276,7 @@ impl StreamingUpdate {
                     None => convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device),
                 };
                 let _ = tx.send(result.map(|t| (entry.name, t)));
+                buffers.give_back(bytes);
             };
             match (&self.spawner, staging_pool()) {
                 (Some(spawn), _) => spawn(Box::new(job)),
