@@ -147,7 +147,10 @@ fn main() {
     let decode_candle = matmul_gflops(64, 1024, 3072, 10);
     blas::set_disabled(false);
     skinny::set_disabled(false);
-    println!("\n| f32 matmul | engine kernel (BLAS) | candle |");
+    println!(
+        "\n| f32 matmul | the engine's kernel (BLAS; skinny for <= {} rows) | candle |",
+        skinny::MAX_ROWS
+    );
     println!("| --- | ---: | ---: |");
     println!("| 2048^3 (peak) | {peak_blas:.1} GFLOP/s | {peak_candle:.1} GFLOP/s |");
     println!("| (64x1024)@(1024x3072)^T (decode shape) | {decode_blas:.1} GFLOP/s | {decode_candle:.1} GFLOP/s |");

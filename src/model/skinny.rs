@@ -18,7 +18,7 @@ use super::simd::{simd, Simd};
 use rayon::prelude::*;
 
 /// Activation rows up to which this kernel beats BLAS (measured by
-/// `cargo bench --bench engine`, "skinny matmul" table).
+/// `cargo bench --bench engine`, "weights from memory" table).
 pub const MAX_ROWS: usize = 64;
 
 static DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -29,8 +29,14 @@ pub fn set_disabled(disabled: bool) {
     DISABLED.store(disabled, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// `GYM_SERVE_SKINNY=off` leaves every CPU matmul to BLAS.
+fn switched_off_by_env() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("GYM_SERVE_SKINNY").as_deref() == Ok("off"))
+}
+
 fn isa() -> Option<Simd> {
-    if DISABLED.load(std::sync::atomic::Ordering::Relaxed) {
+    if DISABLED.load(std::sync::atomic::Ordering::Relaxed) || switched_off_by_env() {
         return None;
     }
     match simd() {
