@@ -69,8 +69,10 @@ enum Command {
 /// A job for [`EngineHandle::between_steps`].
 pub type BackgroundJob = Box<dyn FnOnce() + Send>;
 
-/// Longest stretch of background work between two steps: bounds how long it
-/// can delay the next token.
+/// Background work between two steps runs for at most this long, or as long
+/// as the step before it took if that was longer: it delays the next token by
+/// at most that, and keeps at least half of the machine when steps are long
+/// (a prefill chunk on a CPU can take seconds).
 const BACKGROUND_SLICE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Clone)]
@@ -184,7 +186,7 @@ impl EngineHandle {
     /// Runs `job` on the engine thread between steps, where it may use the
     /// whole compute pool (rayon) without competing with a step for the
     /// cores. Jobs run in order, each gap between steps running jobs for up
-    /// to [`BACKGROUND_SLICE`] (at least one). Converting a weight push this
+    /// to [`BACKGROUND_SLICE`] or the last step's duration (at least one). Converting a weight push this
     /// way gets the machine's full bandwidth in short slices instead of a
     /// starved thread racing the engine's workers; generation goes on,
     /// slower, between slices. Dropped if the engine has stopped.
@@ -365,6 +367,7 @@ impl EngineHandle {
 
 fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
     let mut background: VecDeque<BackgroundJob> = VecDeque::new();
+    let mut last_step = std::time::Duration::ZERO;
     let apply = |core: &mut EngineCore, background: &mut VecDeque<BackgroundJob>, cmd| match cmd {
         Command::Generate(job) => core.add(job),
         Command::Score(job, reply) => {
@@ -390,10 +393,12 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
         while let Ok(cmd) = commands.try_recv() {
             apply(&mut core, &mut background, cmd);
         }
-        run_background(&mut background);
+        run_background(&mut background, last_step.max(BACKGROUND_SLICE));
         core.settle();
         if core.can_step() {
+            let started = std::time::Instant::now();
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.step()));
+            last_step = started.elapsed();
             if let Err(panic) = stepped {
                 let message = panic
                     .downcast_ref::<String>()
@@ -417,15 +422,15 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
     }
 }
 
-/// Runs queued background jobs for up to [`BACKGROUND_SLICE`] (at least one).
-/// A panicking job is logged and dropped; the engine goes on.
-fn run_background(jobs: &mut VecDeque<BackgroundJob>) {
+/// Runs queued background jobs for up to `slice` (at least one). A panicking
+/// job is logged and dropped; the engine goes on.
+fn run_background(jobs: &mut VecDeque<BackgroundJob>, slice: std::time::Duration) {
     let started = std::time::Instant::now();
     while let Some(job) = jobs.pop_front() {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
             tracing::error!("a background job panicked");
         }
-        if started.elapsed() >= BACKGROUND_SLICE {
+        if started.elapsed() >= slice {
             break;
         }
     }
