@@ -1,8 +1,9 @@
 //! Refit latency on the `qwen3-0.6b-shape` preset: a bf16 safetensors push of
 //! every parameter over loopback into a running server (f32 engine), from the
 //! first byte sent until the new weights serve, against the bound of simply
-//! reading the same bytes from memory and converting them to f32, measured in
-//! the same run. A generating stream runs during the push; the longest gap
+//! reading the same bytes from memory and converting them to f32 (best of
+//! three), measured in the same run. Four pushes: the first converts into
+//! fresh memory, later ones into the memory of the weights they replace. A generating stream runs during the push; the longest gap
 //! between its tokens is the stall.
 //!
 //! `cargo bench --bench refit` (GYM_SERVE_BENCH_PRESET=tiny for a quick try).
@@ -87,7 +88,7 @@ fn main() {
             .unwrap();
         let resp = http
             .post(format!("{stream_base}/v1/completions"))
-            .json(&serde_json::json!({"prompt": "The weather today", "max_tokens": 100, "ignore_eos": true, "stream": true}))
+            .json(&serde_json::json!({"prompt": "The weather today", "max_tokens": 180, "ignore_eos": true, "stream": true}))
             .send()
             .unwrap();
         let mut times = Vec::new();
@@ -102,7 +103,7 @@ fn main() {
     // Two pushes: the first converts into fresh memory, later ones into the
     // memory the previous update freed (a trainer's steady state).
     let mut pushes = Vec::new();
-    for version in ["1", "2"] {
+    for version in ["1", "2", "3", "4"] {
         std::thread::sleep(Duration::from_secs(3));
         let push_body = body.clone();
         let sent = Instant::now();
@@ -121,14 +122,21 @@ fn main() {
     let _ = server.wait();
 
     // The bound, on the same bytes: parse and convert bf16 -> f32, nothing else.
-    let st = safetensors::SafeTensors::deserialize(&body).unwrap();
-    let t = Instant::now();
-    for (_, view) in st.tensors() {
-        let t =
-            Tensor::from_raw_buffer(view.data(), DType::BF16, view.shape(), &Device::Cpu).unwrap();
-        std::hint::black_box(t.to_dtype(DType::F32).unwrap());
-    }
-    let bound_s = t.elapsed().as_secs_f64();
+    // Best of three: the fastest the machine does it (later passes reuse
+    // memory the allocator already mapped).
+    let bound_s = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let st = safetensors::SafeTensors::deserialize(&body).unwrap();
+            for (_, view) in st.tensors() {
+                let t =
+                    Tensor::from_raw_buffer(view.data(), DType::BF16, view.shape(), &Device::Cpu)
+                        .unwrap();
+                std::hint::black_box(t.to_dtype(DType::F32).unwrap());
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
     // Our staging alone (checks + conversion into a new store).
     let current = ParamStore::from_tensors(
         &cfg,
@@ -165,9 +173,9 @@ fn main() {
     );
     for (i, (sent, push_s, served)) in pushes.iter().enumerate() {
         let which = if i == 0 {
-            "first push (fresh memory)"
+            "first push (fresh memory)".to_string()
         } else {
-            "next push (memory of the replaced weights)"
+            format!("push {} (memory of the replaced weights)", i + 1)
         };
         println!(
             "| {which}: first byte sent until the new weights serve | {push_s:.2} | {:.2}x | {:.3}s |",
@@ -175,6 +183,13 @@ fn main() {
             stall(*sent, *served)
         );
     }
+    let mut later: Vec<f64> = pushes[1..].iter().map(|p| p.1).collect();
+    later.sort_by(|a, b| a.total_cmp(b));
+    let median_push = later[later.len() / 2];
+    println!(
+        "| median of the later pushes | {median_push:.2} | {:.2}x | |",
+        median_push / bound_s
+    );
     println!(
         "\ngeneration throughout: median inter-token gap {median:.3}s ({} tokens streamed)",
         times.len()
