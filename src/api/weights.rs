@@ -162,14 +162,15 @@ async fn drain(mut body: Body) {
     }
 }
 
-/// Builds the model for a staged store and swaps it in.
+/// Builds the model for a staged store and swaps it in; returns the store
+/// it replaced.
 async fn swap_in(
     state: &AppState,
     served: &mut ParamStore,
     staged: ParamStore,
     version: String,
     pause: PauseMode,
-) -> Result<crate::engine::SwapReport, ApiError> {
+) -> Result<(crate::engine::SwapReport, ParamStore), ApiError> {
     let config = state.config.clone();
     let device = state.device.clone();
     let (staged, model) = tokio::task::spawn_blocking(move || {
@@ -187,20 +188,24 @@ async fn swap_in(
         "new weights swapped in (seconds waiting for a step boundary, and the swap itself)"
     );
     let previous = std::mem::replace(served, staged);
-    if state.device.is_cpu() {
-        // What the update replaced is no longer read by the engine (its old
-        // model is gone) nor served: keep it to convert the next push into.
-        let retired: HashMap<String, Tensor> = previous
-            .sorted()
-            .into_iter()
-            .filter(|(name, old)| served.get(name).map_or(true, |new| new.id() != old.id()))
-            .map(|(name, old)| (name.to_string(), old.clone()))
-            .collect();
-        if let Ok(mut spare) = state.spare_weights.lock() {
-            *spare = retired;
-        }
+    Ok((report, previous))
+}
+
+/// On the CPU, keeps what an update replaced (no longer read by the engine,
+/// whose old model is gone, nor served) for the next push to convert into.
+fn retire_replaced(state: &AppState, previous: ParamStore, served: &ParamStore) {
+    if !state.device.is_cpu() {
+        return;
     }
-    Ok(report)
+    let retired: HashMap<String, Tensor> = previous
+        .sorted()
+        .into_iter()
+        .filter(|(name, old)| served.get(name).map_or(true, |new| new.id() != old.id()))
+        .map(|(name, old)| (name.to_string(), old.clone()))
+        .collect();
+    if let Ok(mut spare) = state.spare_weights.lock() {
+        *spare = retired;
+    }
 }
 
 /// `POST /v1/weights?version=V&mode=full|partial&pause=wait|abort|keep`
@@ -263,7 +268,11 @@ pub async fn push_weights(
             .clone()
             .unwrap_or_else(|| next_version(&state.engine.stats().weight_version()));
         let staged_at = started.elapsed().as_secs_f64();
-        let report = swap_in(&state, &mut served, staged, version.clone(), pause).await?;
+        let (report, previous) =
+            // What a disk update replaces is dropped: only pushes convert into
+        // retired memory.
+        swap_in(&state, &mut served, staged, version.clone(), pause).await?;
+        retire_replaced(&state, previous, &served);
         tracing::info!(received, staged = staged_at, "weight update timings (seconds since the request began)");
         Ok((version, tensors, total, report))
     }
@@ -324,6 +333,8 @@ pub async fn update_from_disk(
         } else {
             PauseMode::Wait
         };
+        // What a disk update replaces is dropped: only pushes convert into
+        // retired memory.
         swap_in(&state, &mut served, staged, version.clone(), pause).await?;
         if req.flush_cache {
             state.engine.reset_prefix_cache().await?;
