@@ -186,10 +186,11 @@ impl EngineHandle {
     /// Runs `job` on the engine thread between steps, where it may use the
     /// whole compute pool (rayon) without competing with a step for the
     /// cores. Jobs run in order, each gap between steps running jobs for up
-    /// to [`BACKGROUND_SLICE`] or the last step's duration (at least one). Converting a weight push this
-    /// way gets the machine's full bandwidth in short slices instead of a
-    /// starved thread racing the engine's workers; generation goes on,
-    /// slower, between slices. Dropped if the engine has stopped.
+    /// to [`BACKGROUND_SLICE`] or the last step's duration (at least one).
+    /// Converting a weight push this way gets the machine's full bandwidth
+    /// in slices instead of a starved thread racing the engine's workers;
+    /// generation goes on, slower, between slices. Dropped if the engine has
+    /// stopped.
     pub fn between_steps(&self, job: BackgroundJob) {
         let _ = self.commands.send(Command::Background(job));
     }
