@@ -22,7 +22,8 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2;
-        let skinny = x.dims()[0] <= skinny::MAX_ROWS && skinny::available();
+        let rows = x.dims().first().copied().unwrap_or(0);
+        let skinny = rows <= skinny::MAX_ROWS && skinny::available();
         let y = if cpu_f32 && (skinny || blas().is_some()) {
             x.contiguous()?
                 .apply_op2_no_bwd(&self.weight, &CpuMatmulTransposed)?
