@@ -1,7 +1,9 @@
 //! Engine throughput on the `qwen3-0.6b-shape` preset in f32 (CPU):
 //! the machine's f32 matmul peak (BLAS and candle kernels), decode tokens/s
 //! at 1, 8, 32 and 64 concurrent sequences (256-token prompts, 128 generated),
-//! prefill tokens/s, a GRPO group (one 512-token prompt, n = 16) and peak RSS.
+//! prefill tokens/s, a GRPO group (one 512-token prompt, n = 16) and peak RSS;
+//! and the memory side: read bandwidth, the decode attention kernel's share
+//! of it, and each decode figure against the step's memory roofline.
 //!
 //! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
 //! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
@@ -56,6 +58,92 @@ fn cold_matmul_gflops(m: usize, weights: &[gym_serve::model::linear::Linear]) ->
         2.0 * (m * 1024 * 3072 * weights.len()) as f64,
         t.elapsed().as_secs_f64(),
     )
+}
+
+/// GB/s of reading 1 GiB with every core: the bound on a decode step, which
+/// must read all weights and every sequence's cached keys and values.
+fn read_bandwidth_gbs() -> f64 {
+    use rayon::prelude::*;
+    let data = vec![1f32; 1 << 28];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: f32 = data
+            .par_chunks(1 << 16)
+            .map(|chunk| {
+                // 16 accumulators: one vector register, so the sum vectorizes.
+                let mut acc = [0f32; 16];
+                for c in chunk.chunks_exact(16) {
+                    for l in 0..16 {
+                        acc[l] += c[l];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(total);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (data.len() * 4) as f64 / best / 1e9
+}
+
+/// GB/s of cached keys and values read by the decode attention kernel: one
+/// query token per sequence against `context` cached positions, layer after
+/// layer of a `layers`-deep pool (far more than any cache), blocks scattered.
+fn decode_attention_gbs(
+    cfg: &ModelConfig,
+    seqs: usize,
+    context: usize,
+    layers: usize,
+    kv_dtype: DType,
+) -> f64 {
+    use gym_serve::model::paged_attention::{attend, PagedAttention, SeqSpan};
+    let (heads, kv_heads, hd, bs) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        16,
+    );
+    let blocks_per_seq = context.div_ceil(bs);
+    let num_blocks = seqs * blocks_per_seq;
+    // Sequence s owns blocks s, s + seqs, s + 2 seqs, ...: never adjacent.
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| (0..blocks_per_seq).map(|b| (b * seqs + s) as u32).collect())
+        .collect();
+    let spans: Vec<SeqSpan<'_>> = tables
+        .iter()
+        .enumerate()
+        .map(|(s, table)| SeqSpan {
+            start: s,
+            len: 1,
+            offset: context - 1,
+            block_table: table,
+        })
+        .collect();
+    let op = PagedAttention {
+        spans: &spans,
+        block_size: bs,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hd,
+    };
+    let pool = |_| {
+        Tensor::randn(0f32, 1.0, (kv_heads, num_blocks * bs, hd), &Device::Cpu)
+            .and_then(|t| t.to_dtype(kv_dtype))
+            .unwrap()
+    };
+    let keys: Vec<Tensor> = (0..layers).map(pool).collect();
+    let values: Vec<Tensor> = (0..layers).map(pool).collect();
+    let q = Tensor::randn(0f32, 1.0, (seqs, heads, hd), &Device::Cpu).unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for (k, v) in keys.iter().zip(&values) {
+            std::hint::black_box(attend(&q, k, v, &op).unwrap());
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (2 * layers * seqs * context * kv_heads * hd * kv_dtype.size_in_bytes()) as f64 / best / 1e9
 }
 
 fn peak_rss_mb() -> f64 {
@@ -174,6 +262,18 @@ fn main() {
             println!("| {m} | {ours:.1} GFLOP/s | {theirs:.1} GFLOP/s |");
         }
     }
+
+    // Memory limits: a decode step streams every weight and the whole cache.
+    let bandwidth = read_bandwidth_gbs();
+    let attention_context = 256 + gen_len / 2;
+    println!("\nmemory read bandwidth (1 GiB sum, all cores): {bandwidth:.1} GB/s");
+    for kv_dtype in [DType::F32, DType::BF16] {
+        let attention = decode_attention_gbs(&cfg, 32, attention_context, 8, kv_dtype);
+        println!(
+            "decode attention, 32 sequences x {attention_context} cached positions, {kv_dtype:?} cache: {attention:.1} GB/s of KV ({:.0}% of bandwidth)",
+            attention / bandwidth * 100.0
+        );
+    }
     if std::env::var("GYM_SERVE_BENCH_MATMUL_ONLY").is_ok() {
         return;
     }
@@ -202,21 +302,28 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 8, 32, 64]);
-    for &seqs in &counts {
+    // Every count with the f32 cache, then 32 sequences with a bf16 cache
+    // (`--kv-cache-dtype bf16`), which halves what attention reads.
+    let mut runs: Vec<(usize, DType)> = counts.iter().map(|&n| (n, DType::F32)).collect();
+    if counts.contains(&32) {
+        runs.push((32, DType::BF16));
+    }
+    for (seqs, kv_dtype) in runs {
         let kv_tokens = seqs * (prompt_len + gen_len) + 16 * seqs;
         let config = SchedulerConfig {
             block_size: 16,
             num_blocks: kv_tokens.div_ceil(16),
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
+            kv_dtype: Some(kv_dtype),
         };
         reset_peak_rss();
         let mut s = Scenario {
             core: EngineCore::new(model.clone(), vec![], "0", config).unwrap(),
             receivers: Vec::new(),
         };
-        let pool_mb =
-            (config.num_blocks * 16 * model.kv_bytes_per_token()) as f64 / (1 << 20) as f64;
+        let kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype);
+        let pool_mb = (config.num_blocks * 16 * kv_bytes_per_token) as f64 / (1 << 20) as f64;
         for i in 0..seqs {
             s.add(prompt(prompt_len, cfg.vocab_size, i), 1, gen_len, i as u64);
         }
@@ -235,25 +342,36 @@ fn main() {
         let decoded = s.generated();
         assert_eq!(first + decoded, seqs * gen_len);
         let tok_s = decoded as f64 / decode_s;
-        if seqs == 1 {
+        if seqs == 1 && kv_dtype == DType::F32 {
             single = tok_s;
         }
         let frac = gflops(tok_s * flops_per_token, 1.0) / peak_blas;
         let prefill_tok_s = (seqs * prompt_len) as f64 / prefill_s;
         let prefill_frac = gflops(prefill_tok_s * flops_per_token, 1.0) / peak_blas;
         let rss = peak_rss_mb();
+        // A decode step reads every weight and, on average, half the
+        // generation's worth of cache beyond the prompt for each sequence.
+        let step_bytes = store.size_in_bytes() as f64
+            + (seqs * (prompt_len + gen_len / 2) * kv_bytes_per_token) as f64;
+        let roofline = seqs as f64 * bandwidth * 1e9 / step_bytes;
+        let label = if kv_dtype == DType::F32 {
+            seqs.to_string()
+        } else {
+            format!("{seqs}, {kv_dtype:?} KV cache")
+        };
         rows.push(format!(
-            "| {seqs} | {tok_s:.1} | {:.1}x | {:.0}% | {prefill_tok_s:.0} | {:.0}% | {rss:.0} MiB / {:.0} MiB |",
+            "| {label} | {tok_s:.1} | {:.1}x | {:.0}% | {roofline:.0} ({:.0}%) | {prefill_tok_s:.0} | {:.0}% | {rss:.0} MiB / {:.0} MiB |",
             tok_s / single,
             frac * 100.0,
+            tok_s / roofline * 100.0,
             prefill_frac * 100.0,
             weights_mb + pool_mb
         ));
-        eprintln!("{seqs} sequences: decode {tok_s:.1} tok/s, prefill {prefill_tok_s:.0} tok/s");
+        eprintln!("{label} sequences: decode {tok_s:.1} tok/s, prefill {prefill_tok_s:.0} tok/s");
     }
     println!("\nprompt {prompt_len} tokens, {gen_len} generated per sequence; fractions are of the 2048^3 BLAS peak above");
-    println!("| sequences | decode tok/s | vs 1 seq | decode % of peak | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| sequences | decode tok/s | vs 1 seq | decode % of peak | memory roofline tok/s (reached) | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         println!("{r}");
     }
@@ -264,6 +382,7 @@ fn main() {
         num_blocks: (16 * (512 + gen_len) + 512).div_ceil(16),
         max_num_batched_tokens: 2048,
         max_num_seqs: 256,
+        kv_dtype: None,
     };
     let mut s = Scenario {
         core: EngineCore::new(model.clone(), vec![], "0", config).unwrap(),

@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// Tokens the KV pool holds (default: a fifth of system memory, at most 131072).
     #[arg(long, env = "GYM_SERVE_KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<usize>,
+    /// What the KV cache stores keys and values as: `auto` is the model's
+    /// run dtype (f32 on CPU, bf16 on GPU); `bf16` on CPU halves the cache's
+    /// memory and what each decode step reads, at bf16 rounding of the cache.
+    #[arg(long, default_value = "auto", env = "GYM_SERVE_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: KvCacheDTypeArg,
     /// Tokens per KV block (prefix caching works in whole blocks).
     #[arg(long, default_value_t = 16, env = "GYM_SERVE_BLOCK_SIZE")]
     pub block_size: usize,
@@ -101,6 +106,26 @@ impl From<ArchArg> for Architecture {
             ArchArg::Qwen3 => Architecture::Qwen3,
             ArchArg::Qwen2 => Architecture::Qwen2,
             ArchArg::Llama => Architecture::Llama,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDTypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl KvCacheDTypeArg {
+    /// The dtype asked for; `None` for the model's own.
+    pub fn dtype(self) -> Option<candle_core::DType> {
+        match self {
+            KvCacheDTypeArg::Auto => None,
+            KvCacheDTypeArg::F32 => Some(candle_core::DType::F32),
+            KvCacheDTypeArg::Bf16 => Some(candle_core::DType::BF16),
+            KvCacheDTypeArg::F16 => Some(candle_core::DType::F16),
         }
     }
 }

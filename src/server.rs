@@ -44,6 +44,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_model_len: args.max_model_len,
             weight_version: Some(args.weight_version.clone()),
             kv_cache_tokens: args.kv_cache_tokens,
+            kv_cache_dtype: args.kv_cache_dtype.dtype(),
             block_size: Some(args.block_size),
             max_num_batched_tokens: Some(args.max_num_batched_tokens),
             max_num_seqs: Some(args.max_num_seqs),

@@ -4,20 +4,28 @@
 
 mod common;
 
+use candle_core::DType;
 use gym_serve::model::simd::{self, Simd};
 use gym_serve::model::{blas, paged_attention, skinny, LogitsFor, Segment};
 
 /// Logits of a whole prompt (one prefill step) and of its last few tokens
 /// decoded one step each (a handful of rows: the skinny matmul's case).
 fn logits(model: &gym_serve::model::Model, tokens: &[u32]) -> Vec<f32> {
+    logits_with_cache(model, tokens, model.dtype())
+}
+
+/// [`logits`] with keys and values cached as `kv_dtype`.
+fn logits_with_cache(model: &gym_serve::model::Model, tokens: &[u32], kv_dtype: DType) -> Vec<f32> {
     let mut out: Vec<f32> = model
-        .full_logits(tokens)
+        .logits_range(tokens, 0, tokens.len(), kv_dtype)
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
         .unwrap();
-    let pool = model.new_pool(tokens.len().div_ceil(16), 16).unwrap();
+    let pool = model
+        .new_pool(tokens.len().div_ceil(16), 16, kv_dtype)
+        .unwrap();
     let table: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
     let split = tokens.len() - 4;
     model
@@ -83,4 +91,45 @@ fn every_cpu_matmul_and_attention_path_agrees() {
              up to {cap:?}: max logit diff {worst}"
         );
     }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn bf16_cache_kernel_agrees_with_the_gather_path() {
+    let (_dir, loaded) = common::tiny_qwen3(106);
+    let tokens = common::prompts(&loaded).concat();
+    let model = &loaded.model;
+    let reference = logits_with_cache(model, &tokens, DType::BF16);
+    // The gather path widens the same bf16 values; only summation order differs.
+    for (no_kernel, cap) in [
+        (true, Simd::Avx512),
+        (false, Simd::Avx2),
+        (false, Simd::Baseline),
+    ] {
+        paged_attention::set_cpu_kernel_disabled(no_kernel);
+        simd::set_cap(cap);
+        let other = logits_with_cache(model, &tokens, DType::BF16);
+        paged_attention::set_cpu_kernel_disabled(false);
+        simd::set_cap(Simd::Avx512);
+        let worst = max_diff(&reference, &other);
+        assert!(
+            worst < 1e-4,
+            "bf16 cache, kernel off {no_kernel}, up to {cap:?}: max logit diff {worst}"
+        );
+    }
+    // Against the f32 cache: bf16 rounding of keys and values (8 significant
+    // bits) moves logits a little, never by much.
+    let full = logits(model, &tokens);
+    let worst = max_diff(&reference, &full);
+    let scale = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(
+        worst > 0.0 && worst < 0.02 * scale,
+        "bf16 vs f32 cache: max logit diff {worst} (largest logit {scale})"
+    );
 }

@@ -15,6 +15,7 @@ use super::sampler;
 use super::sequence::Sequence;
 use super::stats::EngineStats;
 use crate::model::{KvPool, LogitsFor, Model, Segment};
+use candle_core::DType;
 use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Most sequences running at once.
     pub max_num_seqs: usize,
+    /// What the KV pool stores keys and values as (`None`: the model's dtype).
+    pub kv_dtype: Option<DType>,
 }
 
 pub struct EngineCore {
@@ -138,7 +141,8 @@ impl EngineCore {
         weight_version: &str,
         config: SchedulerConfig,
     ) -> candle_core::Result<Self> {
-        let pool = model.new_pool(config.num_blocks, config.block_size)?;
+        let kv_dtype = config.kv_dtype.unwrap_or(model.dtype());
+        let pool = model.new_pool(config.num_blocks, config.block_size, kv_dtype)?;
         Ok(Self {
             model,
             eos_token_ids,
@@ -619,9 +623,9 @@ impl EngineCore {
     /// pass (no cache reuse).
     pub fn score(&self, job: &ScoreJob) -> candle_core::Result<ScoreOutput> {
         let tokens = &job.token_ids;
-        let logits = self
-            .model
-            .logits_range(tokens, job.start - 1, tokens.len() - 1)?;
+        let logits =
+            self.model
+                .logits_range(tokens, job.start - 1, tokens.len() - 1, self.pool.dtype())?;
         let rows = logits.to_vec2::<f32>()?;
         let mut out = ScoreOutput {
             token_logprobs: Vec::with_capacity(rows.len()),

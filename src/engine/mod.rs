@@ -93,6 +93,8 @@ pub struct EngineOptions {
     pub weight_version: Option<String>,
     /// Tokens the KV pool holds (default: a fifth of system memory, at most 131072).
     pub kv_cache_tokens: Option<usize>,
+    /// What the KV pool stores (default: the model's dtype).
+    pub kv_cache_dtype: Option<candle_core::DType>,
     /// Tokens per KV block (default 16).
     pub block_size: Option<usize>,
     /// Token budget of one engine step (default 2048).
@@ -131,9 +133,11 @@ impl EngineHandle {
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
         let block_size = options.block_size.unwrap_or(16).max(1);
+        let kv_dtype = options.kv_cache_dtype.unwrap_or(model.dtype());
+        let kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype);
         let kv_tokens = options
             .kv_cache_tokens
-            .unwrap_or_else(|| default_kv_tokens(model.kv_bytes_per_token()));
+            .unwrap_or_else(|| default_kv_tokens(kv_bytes_per_token));
         let num_blocks = kv_tokens.div_ceil(block_size).max(1);
         let max_len = model.max_positions().min(num_blocks * block_size);
         let limits = Arc::new(EngineLimits {
@@ -146,11 +150,13 @@ impl EngineHandle {
             num_blocks,
             max_num_batched_tokens: options.max_num_batched_tokens.unwrap_or(2048).max(1),
             max_num_seqs: options.max_num_seqs.unwrap_or(256).max(1),
+            kv_dtype: Some(kv_dtype),
         };
         tracing::info!(
             kv_blocks = num_blocks,
             block_size,
-            kv_megabytes = (num_blocks * block_size * model.kv_bytes_per_token()) as f64 / 1e6,
+            kv_megabytes = (num_blocks * block_size * kv_bytes_per_token) as f64 / 1e6,
+            ?kv_dtype,
             max_model_len = limits.max_model_len,
             "KV pool"
         );

@@ -41,6 +41,11 @@ impl KvPool {
         self.block_size
     }
 
+    /// What keys and values are stored as.
+    pub fn dtype(&self) -> DType {
+        self.keys.first().map_or(DType::F32, |t| t.dtype())
+    }
+
     pub fn keys(&self, layer: usize) -> &Tensor {
         &self.keys[layer]
     }
@@ -76,9 +81,11 @@ impl KvPool {
         Ok(())
     }
 
-    /// Writes rows `k[i]`, `v[i]` (`[n, kv_heads, head_dim]`) into `slots[i]` of `layer`.
+    /// Writes rows `k[i]`, `v[i]` (`[n, kv_heads, head_dim]`) into `slots[i]`
+    /// of `layer`, rounded to the pool's dtype.
     pub fn write(&self, layer: usize, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
         for (pool, rows) in [(&self.keys[layer], k), (&self.values[layer], v)] {
+            let rows = &rows.to_dtype(pool.dtype())?;
             if pool.device().is_cpu() {
                 pool.inplace_op2(&rows.contiguous()?, &WriteRows { slots })?;
             } else {

@@ -171,26 +171,30 @@ impl Model {
         self.rope.max_positions()
     }
 
-    /// A key/value pool of `num_blocks` blocks of `block_size` tokens.
-    pub fn new_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
+    /// The dtype the weights and activations are in.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// A key/value pool of `num_blocks` blocks of `block_size` tokens,
+    /// storing keys and values as `dtype`.
+    pub fn new_pool(&self, num_blocks: usize, block_size: usize, dtype: DType) -> Result<KvPool> {
         KvPool::new(
             self.config.num_hidden_layers,
             num_blocks,
             block_size,
             self.config.num_key_value_heads,
             self.config.head_dim,
-            self.embed_tokens.dtype(),
+            dtype,
             &self.device,
         )
     }
 
-    /// Bytes of pool one token takes (keys and values of every layer).
-    pub fn kv_bytes_per_token(&self) -> usize {
+    /// Bytes of pool one token takes (keys and values of every layer) when
+    /// the pool stores `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: DType) -> usize {
         let c = &self.config;
-        2 * c.num_hidden_layers
-            * c.num_key_value_heads
-            * c.head_dim
-            * self.embed_tokens.dtype().size_in_bytes()
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.size_in_bytes()
     }
 
     /// Runs one step over `segments`, writing their keys and values into
@@ -263,16 +267,25 @@ impl Model {
     }
 
     /// Logits for every position of `tokens` from a fresh pool of their own
-    /// (no reuse): row i predicts token i+1. Used by scoring and tests.
+    /// (no reuse, keys and values in the model's dtype): row i predicts token
+    /// i+1. Used by tests.
     pub fn full_logits(&self, tokens: &[u32]) -> Result<Tensor> {
-        self.logits_range(tokens, 0, tokens.len())
+        self.logits_range(tokens, 0, tokens.len(), self.dtype())
     }
 
-    /// Logits of positions `from..to` of `tokens`, computed from scratch.
-    pub fn logits_range(&self, tokens: &[u32], from: usize, to: usize) -> Result<Tensor> {
+    /// Logits of positions `from..to` of `tokens`, computed from scratch with
+    /// keys and values stored as `kv_dtype` (as the engine's pool stores
+    /// them, so scores match what generation computed).
+    pub fn logits_range(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        to: usize,
+        kv_dtype: DType,
+    ) -> Result<Tensor> {
         const BLOCK: usize = 16;
         let blocks = tokens.len().div_ceil(BLOCK).max(1);
-        let pool = self.new_pool(blocks, BLOCK)?;
+        let pool = self.new_pool(blocks, BLOCK, kv_dtype)?;
         let table: Vec<u32> = (0..blocks as u32).collect();
         self.forward(
             &[Segment {

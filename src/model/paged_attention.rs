@@ -5,7 +5,7 @@
 //! ([`PagedAttention`]); elsewhere the cached rows are gathered with
 //! `index_select` and attended with matmuls.
 
-use super::blas::contiguous_f32;
+use super::blas::contiguous;
 use super::kv_cache::slot;
 use super::simd::{simd, Simd};
 use crate::math;
@@ -41,25 +41,46 @@ pub struct PagedAttention<'a> {
     pub head_dim: usize,
 }
 
+/// What a cached key or value is stored as: f32, or bf16 (half the memory
+/// and half the bytes a decode step reads; widening is a shift, so it
+/// vectorizes on any CPU).
+pub trait KvElement: candle_core::WithDType + Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvElement for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// `sum(a[i] * b[i])` with `L` accumulators, so it vectorizes to `L`-lane
 /// registers; with `FMA` the multiply-adds are fused (only inside code
 /// compiled with that feature: elsewhere `mul_add` is a libm call).
 #[inline(always)]
-fn dot<const L: usize, const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const L: usize, const FMA: bool, E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; L];
     let chunks = a.len() / L * L;
     for (x, y) in a[..chunks].chunks_exact(L).zip(b[..chunks].chunks_exact(L)) {
         for l in 0..L {
             acc[l] = if FMA {
-                x[l].mul_add(y[l], acc[l])
+                x[l].mul_add(y[l].widen(), acc[l])
             } else {
-                acc[l] + x[l] * y[l]
+                acc[l] + x[l] * y[l].widen()
             };
         }
     }
     let mut s: f32 = acc.iter().sum();
     for i in chunks..a.len() {
-        s += a[i] * b[i];
+        s += a[i] * b[i].widen();
     }
     s
 }
@@ -67,9 +88,9 @@ fn dot<const L: usize, const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// Asks the CPU to start loading `data` into cache (the next block of a
 /// head's run; blocks of one sequence need not be adjacent in the pool).
 #[inline(always)]
-fn prefetch(data: &[f32]) {
+fn prefetch<E>(data: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in data.chunks(64 / std::mem::size_of::<E>()) {
         // SAFETY: prefetching is a hint; the address is inside `data`.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
@@ -97,12 +118,12 @@ fn sum<const L: usize>(a: &[f32]) -> f32 {
 
 /// `y += alpha * x`.
 #[inline(always)]
-fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
+fn axpy<const FMA: bool, E: KvElement>(alpha: f32, x: &[E], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi = if FMA {
-            alpha.mul_add(*xi, *yi)
+            alpha.mul_add(xi.widen(), *yi)
         } else {
-            *yi + alpha * xi
+            *yi + alpha * xi.widen()
         };
     }
 }
@@ -115,11 +136,11 @@ impl PagedAttention<'_> {
     /// the group's heads.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn group_row<const L: usize, const FMA: bool>(
+    fn group_row<const L: usize, const FMA: bool, E: KvElement>(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         span: &SeqSpan<'_>,
         i: usize,
         kvh: usize,
@@ -147,7 +168,7 @@ impl PagedAttention<'_> {
             )
         });
         let mut scores = vec![0f32; group * visible];
-        let next_run = |b: usize, data: &[f32]| {
+        let next_run = |b: usize, data: &[E]| {
             if let Some(&next) = span.block_table.get(b + 1) {
                 if (b + 1) * bs < visible {
                     prefetch(&data[next as usize * bs * hd..][..bs * hd]);
@@ -160,7 +181,7 @@ impl PagedAttention<'_> {
             for (j, key) in keys.chunks_exact(hd).enumerate() {
                 for g in 0..group {
                     scores[g * visible + first + j] =
-                        dot::<L, FMA>(&q_scaled[g * hd..(g + 1) * hd], key);
+                        dot::<L, FMA, E>(&q_scaled[g * hd..(g + 1) * hd], key);
                 }
             }
         }
@@ -178,7 +199,7 @@ impl PagedAttention<'_> {
             let values = &v[row * hd..][..len * hd];
             for (j, value) in values.chunks_exact(hd).enumerate() {
                 for g in 0..group {
-                    axpy::<FMA>(
+                    axpy::<FMA, E>(
                         scores[g * visible + first + j],
                         value,
                         &mut out[g * hd..(g + 1) * hd],
@@ -188,7 +209,14 @@ impl PagedAttention<'_> {
         }
     }
 
-    fn run(&self, q: &[f32], k: &[f32], v: &[f32], items: &[(usize, usize)], out: &mut [f32]) {
+    fn run<E: KvElement>(
+        &self,
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        items: &[(usize, usize)],
+        out: &mut [f32],
+    ) {
         let group_len = self.num_heads / self.num_kv_heads * self.head_dim;
         let nkv = self.num_kv_heads;
         let simd = simd();
@@ -206,7 +234,7 @@ impl PagedAttention<'_> {
                     // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
                     Simd::Avx2 => unsafe { self.group_row_avx2(q, k, v, span, i, kvh, o) },
-                    _ => self.group_row::<8, false>(q, k, v, span, i, kvh, o),
+                    _ => self.group_row::<8, false, E>(q, k, v, span, i, kvh, o),
                 }
             });
     }
@@ -215,34 +243,34 @@ impl PagedAttention<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group_row_avx2(
+    unsafe fn group_row_avx2<E: KvElement>(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         span: &SeqSpan<'_>,
         i: usize,
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.group_row::<8, true>(q, k, v, span, i, kvh, out)
+        self.group_row::<8, true, E>(q, k, v, span, i, kvh, out)
     }
 
     /// [`Self::group_row`] compiled for AVX-512 (16-lane accumulators).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group_row_avx512(
+    unsafe fn group_row_avx512<E: KvElement>(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         span: &SeqSpan<'_>,
         i: usize,
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.group_row::<16, true>(q, k, v, span, i, kvh, out)
+        self.group_row::<16, true, E>(q, k, v, span, i, kvh, out)
     }
 }
 
@@ -260,9 +288,7 @@ impl CustomOp3 for PagedAttention<'_> {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = contiguous_f32(qs, ql, "queries")?;
-        let k = contiguous_f32(ks, kl, "keys")?;
-        let v = contiguous_f32(vs, vl, "values")?;
+        let q = contiguous::<f32>(qs, ql, "queries")?;
         let tokens: usize = self.spans.iter().map(|s| s.len).sum();
         let row = self.num_heads * self.head_dim;
         let mut out = vec![0f32; tokens * row];
@@ -273,7 +299,23 @@ impl CustomOp3 for PagedAttention<'_> {
             .enumerate()
             .flat_map(|(si, s)| (0..s.len).map(move |i| (si, i)))
             .collect();
-        self.run(q, k, v, &items, &mut out);
+        match (ks, vs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
+                q,
+                contiguous::<f32>(ks, kl, "keys")?,
+                contiguous::<f32>(vs, vl, "values")?,
+                &items,
+                &mut out,
+            ),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
+                q,
+                contiguous::<half::bf16>(ks, kl, "keys")?,
+                contiguous::<half::bf16>(vs, vl, "values")?,
+                &items,
+                &mut out,
+            ),
+            _ => candle_core::bail!("paged attention: keys and values must both be f32 or bf16"),
+        }
         Ok((CpuStorage::F32(out), Shape::from((tokens, row))))
     }
 }
@@ -289,6 +331,7 @@ pub fn attend(
 ) -> Result<Tensor> {
     if q.device().is_cpu()
         && q.dtype() == DType::F32
+        && matches!(keys.dtype(), DType::F32 | DType::BF16)
         && !CPU_KERNEL_DISABLED.load(Ordering::Relaxed)
     {
         return q.contiguous()?.apply_op3_no_bwd(keys, values, op);
@@ -300,8 +343,9 @@ pub fn attend(
             .map(|p| slot(span.block_table, op.block_size, p))
             .collect();
         let idx = Tensor::from_vec(slots, visible, q.device())?;
-        let k = keys.index_select(&idx, 1)?;
-        let v = values.index_select(&idx, 1)?;
+        // A cache stored narrower than the model computes is widened here.
+        let k = keys.index_select(&idx, 1)?.to_dtype(q.dtype())?;
+        let v = values.index_select(&idx, 1)?.to_dtype(q.dtype())?;
         let qs = q.narrow(0, span.start, span.len)?;
         outputs.push(gathered(&qs, &k, &v, span.offset)?);
     }

@@ -35,6 +35,7 @@ pub fn scheduler(num_blocks: usize, max_num_batched_tokens: usize) -> SchedulerC
         num_blocks,
         max_num_batched_tokens,
         max_num_seqs: 64,
+        kv_dtype: None,
     }
 }
 
