@@ -7,6 +7,7 @@
 //!
 //! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
 //! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
+//! GYM_SERVE_BENCH_MEMORY_ONLY=1 to stop after the memory figures,
 //! GYM_SERVE_BENCH_MATMUL_ONLY=1 to stop after the matmul tables,
 //! GYM_SERVE_BENCH_SIMD=avx2 to run the AVX2 kernels on an AVX-512 machine,
 //! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model).
@@ -226,6 +227,21 @@ fn main() {
     let blas_name = blas::blas().map_or("none (candle fallback)".to_string(), |b| b.name.clone());
     println!("BLAS: {blas_name}");
 
+    // Memory limits: a decode step streams every weight and the whole cache.
+    let bandwidth = read_bandwidth_gbs();
+    let attention_context = 256 + gen_len / 2;
+    println!("\nmemory read bandwidth (1 GiB sum, all cores): {bandwidth:.1} GB/s");
+    for kv_dtype in [DType::F32, DType::BF16] {
+        let attention = decode_attention_gbs(&cfg, 32, attention_context, 8, kv_dtype);
+        println!(
+            "decode attention, 32 sequences x {attention_context} cached positions, {kv_dtype:?} cache: {attention:.1} GB/s of KV ({:.0}% of bandwidth)",
+            attention / bandwidth * 100.0
+        );
+    }
+    if std::env::var("GYM_SERVE_BENCH_MEMORY_ONLY").is_ok() {
+        return;
+    }
+
     // Matmul limits, measured now on this machine.
     let peak_blas = matmul_gflops(2048, 2048, 2048, 3);
     let decode_blas = matmul_gflops(64, 1024, 3072, 10);
@@ -254,25 +270,13 @@ fn main() {
             .collect();
         println!("\n| rows @ (1024x3072)^T, weights from memory | skinny kernel | BLAS |");
         println!("| ---: | ---: | ---: |");
-        for m in [1, 8, 16, 32, 64] {
+        for m in [1, 4, 8, 16, 32, 64] {
             let ours = cold_matmul_gflops(m, &weights);
             skinny::set_disabled(true);
             let theirs = cold_matmul_gflops(m, &weights);
             skinny::set_disabled(false);
             println!("| {m} | {ours:.1} GFLOP/s | {theirs:.1} GFLOP/s |");
         }
-    }
-
-    // Memory limits: a decode step streams every weight and the whole cache.
-    let bandwidth = read_bandwidth_gbs();
-    let attention_context = 256 + gen_len / 2;
-    println!("\nmemory read bandwidth (1 GiB sum, all cores): {bandwidth:.1} GB/s");
-    for kv_dtype in [DType::F32, DType::BF16] {
-        let attention = decode_attention_gbs(&cfg, 32, attention_context, 8, kv_dtype);
-        println!(
-            "decode attention, 32 sequences x {attention_context} cached positions, {kv_dtype:?} cache: {attention:.1} GB/s of KV ({:.0}% of bandwidth)",
-            attention / bandwidth * 100.0
-        );
     }
     if std::env::var("GYM_SERVE_BENCH_MATMUL_ONLY").is_ok() {
         return;
@@ -359,9 +363,13 @@ fn main() {
         } else {
             format!("{seqs}, {kv_dtype:?} KV cache")
         };
+        let vs_single = if single > 0.0 {
+            format!("{:.1}x", tok_s / single)
+        } else {
+            "n/a".to_string()
+        };
         rows.push(format!(
-            "| {label} | {tok_s:.1} | {:.1}x | {:.0}% | {roofline:.0} ({:.0}%) | {prefill_tok_s:.0} | {:.0}% | {rss:.0} MiB / {:.0} MiB |",
-            tok_s / single,
+            "| {label} | {tok_s:.1} | {vs_single} | {:.0}% | {roofline:.0} ({:.0}%) | {prefill_tok_s:.0} | {:.0}% | {rss:.0} MiB / {:.0} MiB |",
             frac * 100.0,
             tok_s / roofline * 100.0,
             prefill_frac * 100.0,

@@ -168,17 +168,21 @@ impl PagedAttention<'_> {
             )
         });
         let mut scores = vec![0f32; group * visible];
-        let next_run = |b: usize, data: &[E]| {
-            if let Some(&next) = span.block_table.get(b + 1) {
-                if (b + 1) * bs < visible {
-                    prefetch(&data[next as usize * bs * hd..][..bs * hd]);
-                }
-            }
+        // The next block of the run, so each row read here can prefetch the
+        // same row there: a row's worth of prefetches at a time, because a
+        // whole block at once overflows the core's line-fill buffers and
+        // stalls until memory delivers it.
+        let next_block = |b: usize| -> Option<usize> {
+            let next = *span.block_table.get(b + 1)? as usize;
+            ((b + 1) * bs < visible).then_some(next * bs * hd)
         };
         for (b, (first, row, len)) in runs.clone().enumerate() {
-            next_run(b, k);
+            let ahead = next_block(b).map(|at| &k[at..][..bs * hd]);
             let keys = &k[row * hd..][..len * hd];
             for (j, key) in keys.chunks_exact(hd).enumerate() {
+                if let Some(ahead) = ahead {
+                    prefetch(&ahead[j * hd..][..hd]);
+                }
                 for g in 0..group {
                     scores[g * visible + first + j] =
                         dot::<L, FMA, E>(&q_scaled[g * hd..(g + 1) * hd], key);
@@ -195,9 +199,12 @@ impl PagedAttention<'_> {
         }
         out.fill(0.0);
         for (b, (first, row, len)) in runs.enumerate() {
-            next_run(b, v);
+            let ahead = next_block(b).map(|at| &v[at..][..bs * hd]);
             let values = &v[row * hd..][..len * hd];
             for (j, value) in values.chunks_exact(hd).enumerate() {
+                if let Some(ahead) = ahead {
+                    prefetch(&ahead[j * hd..][..hd]);
+                }
                 for g in 0..group {
                     axpy::<FMA, E>(
                         scores[g * visible + first + j],
