@@ -70,7 +70,8 @@ pub struct ServeArgs {
     pub kv_cache_tokens: Option<usize>,
     /// What the KV cache stores keys and values as: `auto` is the model's
     /// run dtype (f32 on CPU, bf16 on GPU); `bf16` on CPU halves the cache's
-    /// memory and what each decode step reads, at bf16 rounding of the cache.
+    /// memory and what each decode step reads, at bf16 rounding of the cache
+    /// (`f16` works too, but on CPU through the slower portable attention).
     #[arg(long, default_value = "auto", env = "GYM_SERVE_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: KvCacheDTypeArg,
     /// Tokens per KV block (prefix caching works in whole blocks).
