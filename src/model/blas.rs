@@ -125,11 +125,6 @@ impl Blas {
     }
 }
 
-/// The f32 values a contiguous CPU tensor covers.
-pub(crate) fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, what: &str) -> Result<&'s [f32]> {
-    contiguous::<f32>(s, l, what)
-}
-
 /// The elements of a contiguous CPU tensor, of type `T`.
 pub(crate) fn contiguous<'s, T: candle_core::WithDType>(
     s: &'s CpuStorage,

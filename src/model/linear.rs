@@ -4,7 +4,7 @@
 //! ([`super::skinny`]) and larger ones BLAS ([`super::blas`]); elsewhere,
 //! candle's matmul. Keeping our own type lets that choice live in one place.
 
-use super::blas::{blas, contiguous_f32};
+use super::blas::{blas, contiguous};
 use super::skinny;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -57,8 +57,8 @@ impl CustomOp2 for CpuMatmulTransposed {
         if k != k2 {
             candle_core::bail!("matmul: inner dims differ ({m}x{k} @ ({n}x{k2})^T)");
         }
-        let x = contiguous_f32(s1, l1, "input")?;
-        let w = contiguous_f32(s2, l2, "weight")?;
+        let x = contiguous::<f32>(s1, l1, "input")?;
+        let w = contiguous::<f32>(s2, l2, "weight")?;
         let mut out = vec![0f32; m * n];
         let done = m <= skinny::MAX_ROWS && skinny::matmul_t(x, m, k, w, n, &mut out);
         if !done {
