@@ -207,6 +207,9 @@ fn prompt(len: usize, vocab: usize, seed: usize) -> Vec<u32> {
         .collect()
 }
 
+#[global_allocator]
+static ALLOC: gym_serve::huge_pages::HugePageAlloc = gym_serve::huge_pages::HugePageAlloc;
+
 fn main() {
     let quick = std::env::var("GYM_SERVE_BENCH_QUICK").is_ok();
     let preset = match std::env::var("GYM_SERVE_BENCH_PRESET").as_deref() {

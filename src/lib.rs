@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod fixtures;
+pub mod huge_pages;
 pub mod loader;
 pub mod math;
 pub mod model;

@@ -7,6 +7,9 @@ use gym_serve::loader::{run_dtype, select_device, LoadedModel};
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOC: gym_serve::huge_pages::HugePageAlloc = gym_serve::huge_pages::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -75,6 +75,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         device: device_for_updates,
         weights: tokio::sync::Mutex::new(loaded.store),
         spare_weights: Default::default(),
+        push_buffers: Default::default(),
         admin_api_key: args.admin_api_key.clone(),
         max_weights_bytes,
         refits: refits.clone(),

@@ -48,6 +48,8 @@ pub struct AppState {
     /// allocating (a fresh allocation's page faults cost as much as the
     /// conversion). Touched only while `weights` is locked.
     pub spare_weights: std::sync::Mutex<std::collections::HashMap<String, candle_core::Tensor>>,
+    /// A push's receive buffers, kept for the next push for the same reason.
+    pub push_buffers: crate::weights::stream::BufferPool,
     /// Required on weight and control endpoints when set.
     pub admin_api_key: Option<String>,
     /// Largest accepted `POST /v1/weights` body.

@@ -248,6 +248,7 @@ pub async fn push_weights(
             &state.device,
             Some(spawner),
             reuse,
+            state.push_buffers.clone(),
         );
         let (total, digest) = receive(body, &headers, state.max_weights_bytes, &mut stage).await?;
         let received = started.elapsed().as_secs_f64();

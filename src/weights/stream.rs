@@ -134,10 +134,11 @@ pub struct StreamingUpdate {
 }
 
 /// Receive buffers handed back once their tensor is converted, so later
-/// tensors reuse memory that is already mapped (a fresh buffer per tensor
-/// cost the receiving thread a page fault per 4 KiB).
+/// tensors (and the next push, when the server keeps the pool) reuse memory
+/// that is already mapped: a fresh buffer per tensor cost the receiving
+/// thread a page fault per 4 KiB.
 #[derive(Clone, Default)]
-struct BufferPool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+pub struct BufferPool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
 impl BufferPool {
     /// Most buffers kept: enough for the conversions in flight.
@@ -173,7 +174,8 @@ impl BufferPool {
 impl StreamingUpdate {
     /// Conversions go to `spawner`, or to a staging thread if `None`. A
     /// tensor named in `reuse` (which nothing else may read) is overwritten
-    /// in place rather than allocated anew.
+    /// in place rather than allocated anew; receive buffers come from and go
+    /// back to `buffers`.
     pub fn new(
         cfg: &ModelConfig,
         mode: UpdateMode,
@@ -181,11 +183,12 @@ impl StreamingUpdate {
         device: &Device,
         spawner: Option<Spawner>,
         reuse: HashMap<String, Tensor>,
+        buffers: BufferPool,
     ) -> Self {
         Self {
             spawner,
             reuse,
-            buffers: BufferPool::default(),
+            buffers,
             cfg: cfg.clone(),
             mode,
             run,
