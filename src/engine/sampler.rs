@@ -82,20 +82,37 @@ fn top_indices(values: &[f32], candidates: &[u32], n: usize) -> Vec<u32> {
 struct Processed {
     /// Logits divided by the temperature (banned tokens at -inf).
     scaled: Vec<f32>,
-    /// Surviving tokens; sorted best first when `sorted`.
-    kept: Vec<u32>,
-    sorted: bool,
+    kept: Kept,
     log_z: f32,
+}
+
+/// Which tokens survive the filters. Without top-k or top-p the survivors
+/// are a predicate on the scaled logit, so nothing is listed: a
+/// 150k-token row is then walked, normalized and looked up without
+/// building (and scanning) an index list.
+enum Kept {
+    /// Every token whose scaled logit is finite and at least `floor`
+    /// (min-p's cut, or -inf), in index order.
+    AtLeast { floor: f32 },
+    /// Exactly these tokens, best first (top-k / top-p).
+    Sorted(Vec<u32>),
 }
 
 /// How many top tokens to sort before falling back to a full sort for top-p;
 /// the nucleus almost always lies within them.
 const TOP_P_PREFIX: usize = 1024;
 
+/// Tokens per vectorized block of [`Processed::sample`]'s cumulative walk.
+const WALK_BLOCK: usize = 1024;
+
 impl Processed {
     fn new(logits: &[f32], p: &DistributionParams, banned: &[u32]) -> Self {
         let t = p.temperature;
-        let mut scaled: Vec<f32> = logits.iter().map(|&l| l / t).collect();
+        let mut scaled: Vec<f32> = if t == 1.0 {
+            logits.to_vec()
+        } else {
+            logits.iter().map(|&l| l / t).collect()
+        };
         for &b in banned {
             if let Some(v) = scaled.get_mut(b as usize) {
                 *v = f32::NEG_INFINITY;
@@ -107,11 +124,20 @@ impl Processed {
         } else {
             f32::NEG_INFINITY
         };
+        let survives = |v: f32| v > f32::NEG_INFINITY && v >= floor;
+        let unlisted = |scaled: Vec<f32>| {
+            let log_z = log_sum_exp_where(&scaled, max, floor);
+            Self {
+                scaled,
+                kept: Kept::AtLeast { floor },
+                log_z,
+            }
+        };
+        if p.top_k.is_none() && p.top_p >= 1.0 {
+            return unlisted(scaled);
+        }
         let mut kept: Vec<u32> = (0..scaled.len() as u32)
-            .filter(|&i| {
-                let v = scaled[i as usize];
-                v > f32::NEG_INFINITY && v >= floor
-            })
+            .filter(|&i| survives(scaled[i as usize]))
             .collect();
         let mut sorted = false;
         if let Some(k) = p.top_k {
@@ -131,18 +157,28 @@ impl Processed {
             kept = prefix;
             sorted = true;
         }
+        if !sorted {
+            // top-k kept every survivor: the predicate describes them.
+            return unlisted(scaled);
+        }
         let log_z = log_sum_exp_of(&scaled, &kept);
         Self {
             scaled,
-            kept,
-            sorted,
+            kept: Kept::Sorted(kept),
             log_z,
         }
     }
 
     fn logprob(&self, token: u32) -> f32 {
-        if self.kept.contains(&token) {
-            self.scaled[token as usize] - self.log_z
+        let Some(&v) = self.scaled.get(token as usize) else {
+            return f32::NEG_INFINITY;
+        };
+        let kept = match &self.kept {
+            Kept::AtLeast { floor } => v > f32::NEG_INFINITY && v >= *floor,
+            Kept::Sorted(list) => list.contains(&token),
+        };
+        if kept {
+            v - self.log_z
         } else {
             f32::NEG_INFINITY
         }
@@ -151,27 +187,105 @@ impl Processed {
     fn sample(&self, rng: &mut ChaCha8Rng) -> u32 {
         let u: f64 = rng.random::<f64>();
         let mut acc = 0.0f64;
-        for &i in &self.kept {
-            acc += math::exp(self.scaled[i as usize] - self.log_z) as f64;
-            if u < acc {
-                return i;
+        let mut last = None;
+        match &self.kept {
+            Kept::Sorted(list) => {
+                for &i in list {
+                    acc += math::exp(self.scaled[i as usize] - self.log_z) as f64;
+                    if u < acc {
+                        return i;
+                    }
+                }
+                last = list.last().copied();
+            }
+            Kept::AtLeast { floor } => {
+                // Whole blocks at vector speed; the block where the running
+                // mass passes `u` token by token. Filtered tokens add nothing
+                // (they are -inf, or below the floor and skipped).
+                let floor = *floor;
+                for (b, block) in self.scaled.chunks(WALK_BLOCK).enumerate() {
+                    let mass = if floor == f32::NEG_INFINITY {
+                        math::sum_exp(block, self.log_z)
+                    } else {
+                        sum_exp_at_least(block, self.log_z, floor)
+                    };
+                    if acc + mass <= u {
+                        acc += mass;
+                        if mass > 0.0 {
+                            last = block
+                                .iter()
+                                .rposition(|&v| v > f32::NEG_INFINITY && v >= floor)
+                                .map(|j| (b * WALK_BLOCK + j) as u32);
+                        }
+                        continue;
+                    }
+                    for (j, &v) in block.iter().enumerate() {
+                        if v > f32::NEG_INFINITY && v >= floor {
+                            acc += math::exp(v - self.log_z) as f64;
+                            last = Some((b * WALK_BLOCK + j) as u32);
+                            if u < acc {
+                                return (b * WALK_BLOCK + j) as u32;
+                            }
+                        }
+                    }
+                }
             }
         }
         // Rounding left the total a hair under 1: the last kept token absorbs it.
-        // (`kept` is empty only for all-NaN logits; token 0 then, not a panic.)
-        self.kept.last().copied().unwrap_or(0)
+        // (Nothing is kept only for all-NaN logits; token 0 then, not a panic.)
+        last.unwrap_or(0)
     }
 
     fn top(&self, n: usize) -> Vec<(u32, f32)> {
-        let best: Vec<u32> = if self.sorted {
-            self.kept.iter().take(n).copied().collect()
-        } else {
-            top_indices(&self.scaled, &self.kept, n)
+        let best: Vec<u32> = match &self.kept {
+            Kept::Sorted(list) => list.iter().take(n).copied().collect(),
+            Kept::AtLeast { floor } if n > 0 => {
+                let kept: Vec<u32> = (0..self.scaled.len() as u32)
+                    .filter(|&i| {
+                        let v = self.scaled[i as usize];
+                        v > f32::NEG_INFINITY && v >= *floor
+                    })
+                    .collect();
+                top_indices(&self.scaled, &kept, n)
+            }
+            Kept::AtLeast { .. } => Vec::new(),
         };
         best.into_iter()
             .map(|i| (i, self.scaled[i as usize] - self.log_z))
             .collect()
     }
+
+    /// The surviving tokens, best first (tests).
+    #[cfg(test)]
+    fn kept_tokens(&self) -> Vec<u32> {
+        match &self.kept {
+            Kept::Sorted(list) => list.clone(),
+            Kept::AtLeast { .. } => self.top(self.scaled.len()).iter().map(|t| t.0).collect(),
+        }
+    }
+}
+
+/// `log(sum(exp(v)))` over the values `>= floor` (all finite ones when the
+/// floor is -inf), given their maximum.
+fn log_sum_exp_where(values: &[f32], max: f32, floor: f32) -> f32 {
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        return max;
+    }
+    let sum = if floor == f32::NEG_INFINITY {
+        math::sum_exp(values, max)
+    } else {
+        sum_exp_at_least(values, max, floor)
+    };
+    max + sum.ln() as f32
+}
+
+/// `sum(exp(v - shift))` over the values `>= floor`.
+fn sum_exp_at_least(values: &[f32], shift: f32, floor: f32) -> f64 {
+    values
+        .iter()
+        .filter(|&&v| v >= floor)
+        .map(|&v| math::exp(v - shift) as f64)
+        .sum()
 }
 
 /// Length of the shortest prefix of `sorted` whose probability mass reaches
@@ -223,8 +337,8 @@ pub fn sample(
     top_logprobs: usize,
     rng: &mut ChaCha8Rng,
 ) -> SampledToken {
-    let raw = Raw::new(logits);
     if params.is_greedy() {
+        let raw = Raw::new(logits);
         let allowed: Vec<u32> = (0..logits.len() as u32)
             .filter(|i| !banned.contains(i))
             .collect();
@@ -246,11 +360,14 @@ pub fn sample(
             logprob: processed.logprob(token),
             top_logprobs: processed.top(top_logprobs),
         },
-        LogprobsMode::Raw => SampledToken {
-            token,
-            logprob: raw.logprob(token),
-            top_logprobs: raw.top(top_logprobs),
-        },
+        LogprobsMode::Raw => {
+            let raw = Raw::new(logits);
+            SampledToken {
+                token,
+                logprob: raw.logprob(token),
+                top_logprobs: raw.top(top_logprobs),
+            }
+        }
     }
 }
 
@@ -291,19 +408,20 @@ mod tests {
         let logits = [2.0, 1.0, 0.5, -1.0, 0.0];
         let p = params(0.7, 0.8, None, 0.0);
         let d = Processed::new(&logits, &p, &[]);
-        let total: f32 = d.kept.iter().map(|&i| d.logprob(i).exp()).sum();
+        let kept = d.kept_tokens();
+        let total: f32 = kept.iter().map(|&i| d.logprob(i).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
-        assert!(d.kept.len() < logits.len());
+        assert!(kept.len() < logits.len());
     }
 
     #[test]
     fn top_k_and_min_p_filter() {
         let logits = [3.0, 2.0, 1.0, 0.0];
         let d = Processed::new(&logits, &params(1.0, 1.0, Some(2), 0.0), &[]);
-        assert_eq!(d.kept, vec![0, 1]);
+        assert_eq!(d.kept_tokens(), vec![0, 1]);
         // min_p 0.3: exp(-1)=0.37 survives, exp(-2)=0.14 does not.
         let d = Processed::new(&logits, &params(1.0, 1.0, None, 0.3), &[]);
-        assert_eq!(d.kept, vec![0, 1]);
+        assert_eq!(d.kept_tokens(), vec![0, 1]);
     }
 
     #[test]
@@ -342,6 +460,43 @@ mod tests {
             let s = sample(&logits, &p, mode, &[], 3, &mut rng);
             assert_eq!(s.logprob, score(&logits, &p, mode, s.token, 0).0);
             assert_eq!(s.top_logprobs.len(), 3);
+        }
+    }
+
+    #[test]
+    fn block_walk_draws_what_a_token_by_token_walk_draws() {
+        // Several walk blocks, a banned token, and min-p cutting some tokens.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 613) as f32 * 0.01)
+            .collect();
+        for (p, banned) in [
+            (params(1.0, 1.0, None, 0.0), vec![]),
+            (params(0.7, 1.0, None, 0.0), vec![17u32]),
+            (params(1.3, 1.0, None, 0.5), vec![]),
+        ] {
+            let d = Processed::new(&logits, &p, &banned);
+            let kept = {
+                let mut k = d.kept_tokens();
+                k.sort_unstable();
+                k
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let mut reference_rng = ChaCha8Rng::seed_from_u64(3);
+            for _ in 0..200 {
+                let token = d.sample(&mut rng);
+                let u: f64 = reference_rng.random::<f64>();
+                let mut acc = 0.0f64;
+                let expected = kept
+                    .iter()
+                    .copied()
+                    .find(|&i| {
+                        acc += math::exp(d.scaled[i as usize] - d.log_z) as f64;
+                        u < acc
+                    })
+                    .unwrap_or(*kept.last().unwrap());
+                assert_eq!(token, expected);
+                assert!(!banned.contains(&token));
+            }
         }
     }
 }
