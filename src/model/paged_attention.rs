@@ -85,21 +85,30 @@ fn dot<const L: usize, const FMA: bool, E: KvElement>(a: &[f32], b: &[E]) -> f32
     s
 }
 
+#[derive(Clone, Copy)]
+enum CacheLevel {
+    L1,
+    L2,
+}
+
 /// Asks the CPU to start loading `data` into cache (the next block of a
 /// head's run; blocks of one sequence need not be adjacent in the pool).
 #[inline(always)]
-fn prefetch<E>(data: &[E]) {
+fn prefetch<E>(data: &[E], level: CacheLevel) {
     #[cfg(target_arch = "x86_64")]
     for line in data.chunks(64 / std::mem::size_of::<E>()) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        let at = line.as_ptr() as *const i8;
         // SAFETY: prefetching is a hint; the address is inside `data`.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr() as *const i8
-            )
+            match level {
+                CacheLevel::L1 => _mm_prefetch::<_MM_HINT_T0>(at),
+                CacheLevel::L2 => _mm_prefetch::<_MM_HINT_T1>(at),
+            }
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
+    let _ = (data, level);
 }
 
 /// `sum(a)` with `L` accumulators (vectorizes).
@@ -168,20 +177,26 @@ impl PagedAttention<'_> {
             )
         });
         let mut scores = vec![0f32; group * visible];
-        // The next block of the run, so each row read here can prefetch the
-        // same row there: a row's worth of prefetches at a time, because a
-        // whole block at once overflows the core's line-fill buffers and
-        // stalls until memory delivers it.
-        let next_block = |b: usize| -> Option<usize> {
-            let next = *span.block_table.get(b + 1)? as usize;
-            ((b + 1) * bs < visible).then_some(next * bs * hd)
+        // The block `ahead` blocks on in the run, so each row read here can
+        // prefetch the same row there: a row's worth of prefetches at a time,
+        // because a whole block at once overflows the core's line-fill
+        // buffers and stalls until memory delivers it. The next block goes
+        // to L1; the one after to L2, which keeps more requests in flight
+        // (f32 cache 23-24 -> 25 GB/s).
+        let block_after = |b: usize, ahead: usize| -> Option<usize> {
+            let next = *span.block_table.get(b + ahead)? as usize;
+            ((b + ahead) * bs < visible).then_some(next * bs * hd)
         };
         for (b, (first, row, len)) in runs.clone().enumerate() {
-            let ahead = next_block(b).map(|at| &k[at..][..bs * hd]);
+            let ahead = block_after(b, 1).map(|at| &k[at..][..bs * hd]);
+            let further = block_after(b, 2).map(|at| &k[at..][..bs * hd]);
             let keys = &k[row * hd..][..len * hd];
             for (j, key) in keys.chunks_exact(hd).enumerate() {
                 if let Some(ahead) = ahead {
-                    prefetch(&ahead[j * hd..][..hd]);
+                    prefetch(&ahead[j * hd..][..hd], CacheLevel::L1);
+                }
+                if let Some(further) = further {
+                    prefetch(&further[j * hd..][..hd], CacheLevel::L2);
                 }
                 for g in 0..group {
                     scores[g * visible + first + j] =
@@ -199,11 +214,15 @@ impl PagedAttention<'_> {
         }
         out.fill(0.0);
         for (b, (first, row, len)) in runs.enumerate() {
-            let ahead = next_block(b).map(|at| &v[at..][..bs * hd]);
+            let ahead = block_after(b, 1).map(|at| &v[at..][..bs * hd]);
+            let further = block_after(b, 2).map(|at| &v[at..][..bs * hd]);
             let values = &v[row * hd..][..len * hd];
             for (j, value) in values.chunks_exact(hd).enumerate() {
                 if let Some(ahead) = ahead {
-                    prefetch(&ahead[j * hd..][..hd]);
+                    prefetch(&ahead[j * hd..][..hd], CacheLevel::L1);
+                }
+                if let Some(further) = further {
+                    prefetch(&further[j * hd..][..hd], CacheLevel::L2);
                 }
                 for g in 0..group {
                     axpy::<FMA, E>(
