@@ -11,6 +11,7 @@ use std::time::Instant;
 static ALLOC: gym_serve::huge_pages::HugePageAlloc = gym_serve::huge_pages::HugePageAlloc;
 
 fn main() -> anyhow::Result<()> {
+    gym_serve::model::cpu_threads::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod blas;
+pub mod cpu_threads;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
