@@ -2,9 +2,10 @@
 //! every parameter over loopback into a running server (f32 engine), from the
 //! first byte sent until the new weights serve, against the bound of simply
 //! reading the same bytes from memory and converting them to f32 (best of
-//! three), measured in the same run. Four pushes: the first converts into
-//! fresh memory, later ones into the memory of the weights they replace. A generating stream runs during the push; the longest gap
-//! between its tokens is the stall.
+//! three), measured in the same run. Four pushes while a stream generates
+//! (the longest gap between its tokens during a push is the stall): the
+//! first converts into fresh memory, later ones into the memory of the
+//! weights they replace; a fifth push after the stream has ended.
 //!
 //! `cargo bench --bench refit` (GYM_SERVE_BENCH_PRESET=tiny for a quick try).
 
@@ -121,6 +122,19 @@ fn main() {
         assert_eq!(reply["weight_version"], version, "{reply}");
     }
     let times = generator.join().unwrap();
+    // One more push once the stream has finished: the same path with the
+    // cores to itself.
+    let idle_body = body.clone();
+    let sent = Instant::now();
+    let reply: serde_json::Value = http
+        .post(format!("{base}/v1/weights?version=5&pause=keep"))
+        .body(idle_body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let idle_push_s = sent.elapsed().as_secs_f64();
+    assert_eq!(reply["weight_version"], "5", "{reply}");
     let _ = server.kill();
     let _ = server.wait();
 
@@ -204,6 +218,10 @@ fn main() {
     println!(
         "| median of the later pushes | {median_push:.2} | {:.2}x | |",
         median_push / bound_s
+    );
+    println!(
+        "| push 5, after the stream ended (nothing generating) | {idle_push_s:.2} | {:.2}x | |",
+        idle_push_s / bound_s
     );
     println!(
         "\ngeneration throughout: median inter-token gap {median:.3}s ({} tokens streamed)",
