@@ -5,14 +5,17 @@
 //! push) costs ~600k page faults, as long as the conversion itself, and
 //! streaming the weights every decode step walks a page table entry every
 //! 4 KiB. Most kernels ship THP in `madvise` mode, so the allocation must ask.
-//! Everything else is the system allocator, untouched.
+//! Everything else is the system allocator, untouched; off Linux it is the
+//! system allocator and nothing more.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Allocations at least this large are advised; smaller ones gain nothing
 /// from 2 MiB pages and may sit in the allocator's shared heap.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
+#[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
 
 /// 0: not read yet, 1: on, 2: off (`GYM_SERVE_HUGE_PAGES=off`).
@@ -40,6 +43,10 @@ pub fn enabled() -> bool {
 pub struct HugePageAlloc;
 
 impl HugePageAlloc {
+    #[cfg(not(target_os = "linux"))]
+    fn advise(_: *mut u8, _: usize) {}
+
+    #[cfg(target_os = "linux")]
     fn advise(ptr: *mut u8, size: usize) {
         if ptr.is_null() || size < HUGE_PAGE_MIN_BYTES || !enabled() {
             return;
