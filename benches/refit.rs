@@ -104,11 +104,8 @@ fn main() {
         }
         times
     });
-    // Two pushes: the first converts into fresh memory, later ones into the
-    // memory the previous update freed (a trainer's steady state).
-    let mut pushes = Vec::new();
-    for version in ["1", "2", "3", "4"] {
-        std::thread::sleep(Duration::from_secs(3));
+    // A push of the whole body as `version`: (sent, seconds, served).
+    let push = |version: &str| {
         let push_body = body.clone();
         let sent = Instant::now();
         let reply: serde_json::Value = http
@@ -118,23 +115,23 @@ fn main() {
             .unwrap()
             .json()
             .unwrap();
-        pushes.push((sent, sent.elapsed().as_secs_f64(), Instant::now()));
+        let seconds = sent.elapsed().as_secs_f64();
         assert_eq!(reply["weight_version"], version, "{reply}");
-    }
+        (sent, seconds, Instant::now())
+    };
+    // The first push converts into fresh memory, later ones into the memory
+    // the previous update freed (a trainer's steady state).
+    let pushes: Vec<_> = ["1", "2", "3", "4"]
+        .into_iter()
+        .map(|version| {
+            std::thread::sleep(Duration::from_secs(3));
+            push(version)
+        })
+        .collect();
     let times = generator.join().unwrap();
-    // One more push once the stream has finished: the same path with the
-    // cores to itself.
-    let idle_body = body.clone();
-    let sent = Instant::now();
-    let reply: serde_json::Value = http
-        .post(format!("{base}/v1/weights?version=5&pause=keep"))
-        .body(idle_body)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let idle_push_s = sent.elapsed().as_secs_f64();
-    assert_eq!(reply["weight_version"], "5", "{reply}");
+    // One more once the stream has finished: the same path with the cores
+    // to itself.
+    let (_, idle_push_s, _) = push("5");
     let _ = server.kill();
     let _ = server.wait();
 

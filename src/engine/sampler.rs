@@ -102,6 +102,11 @@ enum Kept {
 /// the nucleus almost always lies within them.
 const TOP_P_PREFIX: usize = 1024;
 
+/// Whether a scaled logit survives min-p (`floor`, or -inf) and any ban.
+fn survives(v: f32, floor: f32) -> bool {
+    v > f32::NEG_INFINITY && v >= floor
+}
+
 /// Tokens per vectorized block of [`Processed::sample`]'s cumulative walk.
 const WALK_BLOCK: usize = 1024;
 
@@ -124,7 +129,6 @@ impl Processed {
         } else {
             f32::NEG_INFINITY
         };
-        let survives = |v: f32| v > f32::NEG_INFINITY && v >= floor;
         let unlisted = |scaled: Vec<f32>| {
             let log_z = log_sum_exp_where(&scaled, max, floor);
             Self {
@@ -137,7 +141,7 @@ impl Processed {
             return unlisted(scaled);
         }
         let mut kept: Vec<u32> = (0..scaled.len() as u32)
-            .filter(|&i| survives(scaled[i as usize]))
+            .filter(|&i| survives(scaled[i as usize], floor))
             .collect();
         let mut sorted = false;
         if let Some(k) = p.top_k {
@@ -174,7 +178,7 @@ impl Processed {
             return f32::NEG_INFINITY;
         };
         let kept = match &self.kept {
-            Kept::AtLeast { floor } => v > f32::NEG_INFINITY && v >= *floor,
+            Kept::AtLeast { floor } => survives(v, *floor),
             Kept::Sorted(list) => list.contains(&token),
         };
         if kept {
@@ -214,13 +218,13 @@ impl Processed {
                         if mass > 0.0 {
                             last = block
                                 .iter()
-                                .rposition(|&v| v > f32::NEG_INFINITY && v >= floor)
+                                .rposition(|&v| survives(v, floor))
                                 .map(|j| (b * WALK_BLOCK + j) as u32);
                         }
                         continue;
                     }
                     for (j, &v) in block.iter().enumerate() {
-                        if v > f32::NEG_INFINITY && v >= floor {
+                        if survives(v, floor) {
                             acc += math::exp(v - self.log_z) as f64;
                             last = Some((b * WALK_BLOCK + j) as u32);
                             if u < acc {
@@ -241,10 +245,7 @@ impl Processed {
             Kept::Sorted(list) => list.iter().take(n).copied().collect(),
             Kept::AtLeast { floor } if n > 0 => {
                 let kept: Vec<u32> = (0..self.scaled.len() as u32)
-                    .filter(|&i| {
-                        let v = self.scaled[i as usize];
-                        v > f32::NEG_INFINITY && v >= *floor
-                    })
+                    .filter(|&i| survives(self.scaled[i as usize], *floor))
                     .collect();
                 top_indices(&self.scaled, &kept, n)
             }
