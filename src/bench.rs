@@ -473,9 +473,11 @@ fn report(
             f(&r["latency_mean_s"]),
             f(&r["latency_max_s"])
         );
+        let rate = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.1}"));
         println!(
             "| output tok/s during / outside refits | {} / {} |",
-            r["output_tok_s_during_refit"], r["output_tok_s_outside_refit"]
+            rate(&r["output_tok_s_during_refit"]),
+            rate(&r["output_tok_s_outside_refit"])
         );
     }
     if let Some(path) = &args.json {
