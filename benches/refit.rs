@@ -78,18 +78,12 @@ fn main() {
         .strip_prefix("gym-serve listening on ")
         .unwrap()
         .to_string();
-    let http = reqwest::blocking::Client::builder()
-        .timeout(None)
-        .build()
-        .unwrap();
+    let http = http_client();
 
     // A stream that keeps generating through the update, timing its tokens.
     let stream_base = base.clone();
     let generator = std::thread::spawn(move || {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(None)
-            .build()
-            .unwrap();
+        let http = http_client();
         let resp = http
             .post(format!("{stream_base}/v1/completions"))
             .json(&serde_json::json!({"prompt": "The weather today", "max_tokens": 180, "ignore_eos": true, "stream": true}))
@@ -257,10 +251,7 @@ fn loopback_transfer_seconds(body: &[u8]) -> f64 {
         conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             .unwrap();
     });
-    let http = reqwest::blocking::Client::builder()
-        .timeout(None)
-        .build()
-        .unwrap();
+    let http = http_client();
     let body = body.to_vec();
     let t = Instant::now();
     http.post(format!("http://{addr}/"))
@@ -270,4 +261,12 @@ fn loopback_transfer_seconds(body: &[u8]) -> f64 {
     let seconds = t.elapsed().as_secs_f64();
     sink.join().unwrap();
     seconds
+}
+
+/// A blocking HTTP client without a timeout (pushes and streams run long).
+fn http_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap()
 }
