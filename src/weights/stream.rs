@@ -1,18 +1,60 @@
 //! Staging a safetensors body while it arrives. The header is checked as
 //! soon as it is in (names, shapes, dtypes, completeness, offsets), so a bad
-//! push is refused before its data is read; each tensor is then handed off
-//! for conversion to the run dtype the moment its bytes are complete, which
-//! overlaps conversion with the network and never holds the whole body. The
-//! server hands conversions to the engine thread, which runs them between
-//! steps ([`crate::engine::EngineHandle::between_steps`]); without an
-//! engine they run on a staging thread.
+//! push is refused before its data is read. Into an f32 CPU engine (the
+//! common case: bf16 from a trainer) each tensor is then converted frame by
+//! frame as the bytes arrive, on the receiving thread, straight into the
+//! memory of the tensor the previous update retired (or a new one): no
+//! receive buffer, and nothing left to convert after the last byte.
+//! Otherwise (a GPU run dtype, f64 data) each tensor is buffered and handed
+//! off for conversion the moment its bytes are complete: the server hands
+//! those to the engine thread, which runs them between steps
+//! ([`crate::engine::EngineHandle::between_steps`]); without an engine they
+//! run on a staging thread. The whole body is never held.
 
-use super::update::{check_header, convert_bytes, convert_in_place, is_tied_alias, UpdateMode};
+use super::update::{
+    check_header, convert_bytes, convert_in_place, fill_part, fits_in_place, is_tied_alias,
+    UpdateMode,
+};
 use super::WeightsError;
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
+
+/// Where `entry` can be converted as it arrives: its retired tensor (taken
+/// out of `reuse`) or, without one, a new f32 tensor; `None` where the
+/// run is not f32 on the CPU or the dtype has no direct conversion.
+fn direct_target(
+    reuse: &mut HashMap<String, Tensor>,
+    cfg: &ModelConfig,
+    entry: &HeaderEntry,
+    run: DType,
+    device: &Device,
+) -> Option<DirectFill> {
+    if run != DType::F32 || !device.is_cpu() || is_tied_alias(cfg, &entry.name) {
+        return None;
+    }
+    let retired = reuse
+        .remove(&entry.name)
+        .filter(|t| fits_in_place(t, entry.dtype, &entry.shape));
+    let target = match retired {
+        Some(t) => t,
+        None => {
+            let fresh = Tensor::zeros(entry.shape.as_slice(), DType::F32, &Device::Cpu).ok()?;
+            if !fits_in_place(&fresh, entry.dtype, &entry.shape) {
+                return None;
+            }
+            fresh
+        }
+    };
+    Some(DirectFill {
+        target,
+        dtype: entry.dtype,
+        width: entry.dtype.size_in_bytes(),
+        written: 0,
+        carry: Vec::new(),
+    })
+}
 
 /// Runs a conversion job somewhere off the receiving task.
 pub type Spawner = std::sync::Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
@@ -115,8 +157,53 @@ pub fn parse_header(json: &[u8]) -> Result<Vec<HeaderEntry>, WeightsError> {
 enum Phase {
     /// Collecting the 8-byte length and the JSON header.
     Header(Vec<u8>),
-    /// Collecting tensor `next`'s bytes into `buffer`.
-    Data { next: usize, buffer: Vec<u8> },
+    /// Collecting tensor `next`'s bytes into `buffer`, or converting them
+    /// straight into its retired target (`direct`).
+    Data {
+        next: usize,
+        buffer: Vec<u8>,
+        direct: Option<DirectFill>,
+    },
+}
+
+/// A tensor being converted into its retired target as its bytes arrive
+/// (the steady state of a trainer's pushes): no receive buffer to copy
+/// through, and nothing left to convert once the last byte is in.
+struct DirectFill {
+    target: Tensor,
+    dtype: DType,
+    width: usize,
+    /// Values written so far.
+    written: usize,
+    /// The start of a value split across two frames.
+    carry: Vec<u8>,
+}
+
+impl DirectFill {
+    fn feed(&mut self, mut data: &[u8]) -> Result<(), WeightsError> {
+        if !self.carry.is_empty() {
+            let take = (self.width - self.carry.len()).min(data.len());
+            self.carry.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.carry.len() < self.width {
+                return Ok(());
+            }
+            fill_part(&self.target, &self.carry, self.dtype, self.written)?;
+            self.written += 1;
+            self.carry.clear();
+        }
+        let whole = data.len() / self.width * self.width;
+        if whole > 0 {
+            fill_part(&self.target, &data[..whole], self.dtype, self.written)?;
+            self.written += whole / self.width;
+        }
+        self.carry.extend_from_slice(&data[whole..]);
+        Ok(())
+    }
+
+    fn complete(&self) -> bool {
+        self.written == self.target.elem_count()
+    }
 }
 
 pub struct StreamingUpdate {
@@ -226,17 +313,39 @@ impl StreamingUpdate {
                         self.phase = Phase::Data {
                             next: 0,
                             buffer: Vec::new(),
+                            direct: None,
                         };
                         self.dispatch_ready()?;
                     }
                 }
-                Phase::Data { next, buffer } => {
+                Phase::Data {
+                    next,
+                    buffer,
+                    direct,
+                } => {
                     let Some(entry) = self.entries.get(*next) else {
                         return Err(WeightsError::Format(
                             "the body has bytes past its last tensor".into(),
                         ));
                     };
                     let size = entry.end - entry.begin;
+                    if direct.is_none() && buffer.is_empty() && size > 0 {
+                        *direct = direct_target(
+                            &mut self.reuse,
+                            &self.cfg,
+                            entry,
+                            self.run,
+                            &self.device,
+                        );
+                    }
+                    if let Some(fill) = direct {
+                        let take =
+                            (size - fill.written * fill.width - fill.carry.len()).min(chunk.len());
+                        fill.feed(&chunk[..take])?;
+                        chunk = &chunk[take..];
+                        self.dispatch_ready()?;
+                        continue;
+                    }
                     if buffer.capacity() < size {
                         if buffer.is_empty() {
                             *buffer = self.buffers.take(size);
@@ -255,11 +364,23 @@ impl StreamingUpdate {
 
     /// Hands every complete tensor off for conversion.
     fn dispatch_ready(&mut self) -> Result<(), WeightsError> {
-        while let Phase::Data { next, buffer } = &mut self.phase {
+        while let Phase::Data {
+            next,
+            buffer,
+            direct,
+        } = &mut self.phase
+        {
             let Some(entry) = self.entries.get(*next) else {
                 break;
             };
-            if buffer.len() < entry.end - entry.begin {
+            if let Some(fill) = direct.take_if(|fill| fill.complete()) {
+                *next += 1;
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Ok((entry.name.clone(), fill.target)));
+                self.pending.push(rx);
+                continue;
+            }
+            if direct.is_some() || buffer.len() < entry.end - entry.begin {
                 break;
             }
             let bytes = std::mem::take(buffer);
@@ -308,5 +429,51 @@ impl StreamingUpdate {
             out.insert(name, tensor);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_fill_joins_values_split_across_frames() {
+        let values: Vec<f32> = (0..37).map(|i| i as f32 * 0.375 - 5.0).collect();
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let source = Tensor::new(values.as_slice(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let expected: Vec<f32> = source.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            let bytes: Vec<u8> = match dtype {
+                DType::BF16 => source
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                DType::F16 => source
+                    .to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            let mut fill = DirectFill {
+                target: Tensor::zeros(37, DType::F32, &Device::Cpu).unwrap(),
+                dtype,
+                width: dtype.size_in_bytes(),
+                written: 0,
+                carry: Vec::new(),
+            };
+            // 3-byte frames split values of every width across frames.
+            for (i, frame) in bytes.chunks(3).enumerate() {
+                assert!(!fill.complete(), "{dtype:?}: complete after {i} frames");
+                fill.feed(frame).unwrap();
+            }
+            assert!(fill.complete());
+            assert_eq!(fill.target.to_vec1::<f32>().unwrap(), expected, "{dtype:?}");
+        }
     }
 }

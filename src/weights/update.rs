@@ -162,23 +162,57 @@ fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) {
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
-        .for_each(|(dst, src)| match dtype {
-            DType::BF16 => {
-                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-                }
+        .for_each(|(dst, src)| convert_slice(src, dtype, dst));
+}
+
+/// [`convert_into`] on the calling thread alone.
+fn convert_slice(bytes: &[u8], dtype: DType, out: &mut [f32]) {
+    match dtype {
+        DType::BF16 => {
+            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
             }
-            DType::F16 => {
-                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
+        }
+        DType::F16 => {
+            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
             }
-            _ => {
-                for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+        }
+        _ => {
+            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
-        });
+        }
+    }
+}
+
+/// Whether [`convert_in_place`] and [`fill_part`] can write a tensor of
+/// `dtype` and `shape` into `target`.
+pub(crate) fn fits_in_place(target: &Tensor, dtype: DType, shape: &[usize]) -> bool {
+    f32_source_width(dtype).is_some()
+        && target.device().is_cpu()
+        && target.dtype() == DType::F32
+        && target.dims() == shape
+        && target.is_contiguous()
+}
+
+/// Converts `bytes` (whole values of `dtype`) into `target` from value
+/// `offset` on, on the calling thread: a pushed tensor written into its
+/// retired target piece by piece as the body arrives. `target` must fit
+/// ([`fits_in_place`]) and be read by nothing else.
+pub(crate) fn fill_part(
+    target: &Tensor,
+    bytes: &[u8],
+    dtype: DType,
+    offset: usize,
+) -> Result<(), WeightsError> {
+    target.inplace_op1(&FillFromBytes {
+        bytes,
+        dtype,
+        offset,
+        parallel: false,
+    })?;
+    Ok(())
 }
 
 /// Converts one tensor's bytes into `target`'s memory, in place, when that is
@@ -196,24 +230,28 @@ pub(crate) fn convert_in_place(
     target: Tensor,
 ) -> Option<Tensor> {
     let width = f32_source_width(dtype)?;
-    let fits = target.device().is_cpu()
-        && target.dtype() == DType::F32
-        && target.dims() == shape
-        && target.is_contiguous()
-        && bytes.len() == target.elem_count() * width;
-    if !fits {
+    if !fits_in_place(&target, dtype, shape) || bytes.len() != target.elem_count() * width {
         return None;
     }
     target
-        .inplace_op1(&FillFromBytes { bytes, dtype })
+        .inplace_op1(&FillFromBytes {
+            bytes,
+            dtype,
+            offset: 0,
+            parallel: true,
+        })
         .ok()
         .map(|_| target)
 }
 
-/// In-place fill of an f32 CPU tensor from raw little-endian bytes.
+/// In-place fill of an f32 CPU tensor, from value `offset` on, with raw
+/// little-endian bytes.
 struct FillFromBytes<'a> {
     bytes: &'a [u8],
     dtype: DType,
+    offset: usize,
+    /// Split across the rayon pool (a whole tensor) or not (a piece).
+    parallel: bool,
 }
 
 impl candle_core::InplaceOp1 for FillFromBytes<'_> {
@@ -232,7 +270,16 @@ impl candle_core::InplaceOp1 for FillFromBytes<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("fill-from-bytes: target is not contiguous");
         };
-        convert_into(self.bytes, self.dtype, &mut data[start..end]);
+        let width = f32_source_width(self.dtype).unwrap_or(4);
+        let count = self.bytes.len() / width;
+        let Some(out) = data[start..end].get_mut(self.offset..self.offset + count) else {
+            candle_core::bail!("fill-from-bytes: more values than the target holds");
+        };
+        if self.parallel {
+            convert_into(self.bytes, self.dtype, out);
+        } else {
+            convert_slice(self.bytes, self.dtype, out);
+        }
         Ok(())
     }
 }
