@@ -21,41 +21,6 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
 
-/// Where `entry` can be converted as it arrives: its retired tensor (taken
-/// out of `reuse`) or, without one, a new f32 tensor; `None` where the
-/// run is not f32 on the CPU or the dtype has no direct conversion.
-fn direct_target(
-    reuse: &mut HashMap<String, Tensor>,
-    cfg: &ModelConfig,
-    entry: &HeaderEntry,
-    run: DType,
-    device: &Device,
-) -> Option<DirectFill> {
-    if run != DType::F32 || !device.is_cpu() || is_tied_alias(cfg, &entry.name) {
-        return None;
-    }
-    let retired = reuse
-        .remove(&entry.name)
-        .filter(|t| fits_in_place(t, entry.dtype, &entry.shape));
-    let target = match retired {
-        Some(t) => t,
-        None => {
-            let fresh = Tensor::zeros(entry.shape.as_slice(), DType::F32, &Device::Cpu).ok()?;
-            if !fits_in_place(&fresh, entry.dtype, &entry.shape) {
-                return None;
-            }
-            fresh
-        }
-    };
-    Some(DirectFill {
-        target,
-        dtype: entry.dtype,
-        width: entry.dtype.size_in_bytes(),
-        written: 0,
-        carry: Vec::new(),
-    })
-}
-
 /// Runs a conversion job somewhere off the receiving task.
 pub type Spawner = std::sync::Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
 
@@ -158,7 +123,7 @@ enum Phase {
     /// Collecting the 8-byte length and the JSON header.
     Header(Vec<u8>),
     /// Collecting tensor `next`'s bytes into `buffer`, or converting them
-    /// straight into its retired target (`direct`).
+    /// straight into its target (`direct`).
     Data {
         next: usize,
         buffer: Vec<u8>,
@@ -166,9 +131,9 @@ enum Phase {
     },
 }
 
-/// A tensor being converted into its retired target as its bytes arrive
-/// (the steady state of a trainer's pushes): no receive buffer to copy
-/// through, and nothing left to convert once the last byte is in.
+/// A tensor being converted into its target as its bytes arrive: no
+/// receive buffer to copy through, and nothing left to convert once the
+/// last byte is in.
 struct DirectFill {
     target: Tensor,
     dtype: DType,
@@ -204,6 +169,36 @@ impl DirectFill {
     fn complete(&self) -> bool {
         self.written == self.target.elem_count()
     }
+}
+
+/// Where `entry` can be converted as it arrives: its retired tensor (taken
+/// out of `reuse`) or, without one, a new f32 tensor; `None` where the
+/// run is not f32 on the CPU or the dtype has no direct conversion.
+fn direct_target(
+    reuse: &mut HashMap<String, Tensor>,
+    cfg: &ModelConfig,
+    entry: &HeaderEntry,
+    run: DType,
+    device: &Device,
+) -> Option<DirectFill> {
+    let convertible = matches!(entry.dtype, DType::BF16 | DType::F16 | DType::F32);
+    if !convertible || run != DType::F32 || !device.is_cpu() || is_tied_alias(cfg, &entry.name) {
+        return None;
+    }
+    let retired = reuse
+        .remove(&entry.name)
+        .filter(|t| fits_in_place(t, entry.dtype, &entry.shape));
+    let target = match retired {
+        Some(t) => t,
+        None => Tensor::zeros(entry.shape.as_slice(), DType::F32, &Device::Cpu).ok()?,
+    };
+    Some(DirectFill {
+        target,
+        dtype: entry.dtype,
+        width: entry.dtype.size_in_bytes(),
+        written: 0,
+        carry: Vec::new(),
+    })
 }
 
 pub struct StreamingUpdate {
