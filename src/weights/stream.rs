@@ -12,8 +12,7 @@
 //! run on a staging thread. The whole body is never held.
 
 use super::update::{
-    check_header, convert_bytes, convert_in_place, fill_part, fits_in_place, is_tied_alias,
-    UpdateMode,
+    check_header, convert_bytes, fill_part, fits_in_place, is_tied_alias, UpdateMode,
 };
 use super::WeightsError;
 use crate::config::ModelConfig;
@@ -254,10 +253,10 @@ impl BufferPool {
 }
 
 impl StreamingUpdate {
-    /// Conversions go to `spawner`, or to a staging thread if `None`. A
-    /// tensor named in `reuse` (which nothing else may read) is overwritten
-    /// in place rather than allocated anew; receive buffers come from and go
-    /// back to `buffers`.
+    /// Buffered conversions go to `spawner`, or to a staging thread if
+    /// `None`, with receive buffers from and back to `buffers`. A tensor
+    /// named in `reuse` (which nothing else may read) is converted into as
+    /// it arrives rather than allocated anew.
     pub fn new(
         cfg: &ModelConfig,
         mode: UpdateMode,
@@ -384,16 +383,10 @@ impl StreamingUpdate {
                 continue; // the embedding stands in for it
             }
             let (entry, run, device) = (entry.clone(), self.run, self.device.clone());
-            let target = self.reuse.remove(&entry.name).filter(|_| run == DType::F32);
             let buffers = self.buffers.clone();
             let (tx, rx) = oneshot::channel();
             let job = move || {
-                let reused =
-                    target.and_then(|t| convert_in_place(&bytes, entry.dtype, &entry.shape, t));
-                let result = match reused {
-                    Some(t) => Ok(t),
-                    None => convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device),
-                };
+                let result = convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device);
                 let _ = tx.send(result.map(|t| (entry.name, t)));
                 buffers.give_back(bytes);
             };

@@ -186,8 +186,8 @@ fn convert_slice(bytes: &[u8], dtype: DType, out: &mut [f32]) {
     }
 }
 
-/// Whether [`convert_in_place`] and [`fill_part`] can write a tensor of
-/// `dtype` and `shape` into `target`.
+/// Whether [`fill_part`] can write a tensor of `dtype` and `shape` into
+/// `target`.
 pub(crate) fn fits_in_place(target: &Tensor, dtype: DType, shape: &[usize]) -> bool {
     f32_source_width(dtype).is_some()
         && target.device().is_cpu()
@@ -198,8 +198,10 @@ pub(crate) fn fits_in_place(target: &Tensor, dtype: DType, shape: &[usize]) -> b
 
 /// Converts `bytes` (whole values of `dtype`) into `target` from value
 /// `offset` on, on the calling thread: a pushed tensor written into its
-/// retired target piece by piece as the body arrives. `target` must fit
-/// ([`fits_in_place`]) and be read by nothing else.
+/// target piece by piece as the body arrives. `target` must fit
+/// ([`fits_in_place`]) and be read by nothing else: a new tensor, or a
+/// retired copy of the weights from before the last update (see
+/// `AppState::spare_weights`), whose memory is already mapped.
 pub(crate) fn fill_part(
     target: &Tensor,
     bytes: &[u8],
@@ -210,38 +212,8 @@ pub(crate) fn fill_part(
         bytes,
         dtype,
         offset,
-        parallel: false,
     })?;
     Ok(())
-}
-
-/// Converts one tensor's bytes into `target`'s memory, in place, when that is
-/// possible (a contiguous f32 CPU tensor of the same shape, bytes in a
-/// convertible dtype); otherwise returns `None` and leaves `target` alone.
-///
-/// `target` must be a tensor nothing else reads: a retired copy of the
-/// weights from before the last update (see `AppState::spare_weights`).
-/// Writing into memory that is already mapped avoids the page faults of a
-/// fresh allocation, which cost as much as the conversion itself.
-pub(crate) fn convert_in_place(
-    bytes: &[u8],
-    dtype: DType,
-    shape: &[usize],
-    target: Tensor,
-) -> Option<Tensor> {
-    let width = f32_source_width(dtype)?;
-    if !fits_in_place(&target, dtype, shape) || bytes.len() != target.elem_count() * width {
-        return None;
-    }
-    target
-        .inplace_op1(&FillFromBytes {
-            bytes,
-            dtype,
-            offset: 0,
-            parallel: true,
-        })
-        .ok()
-        .map(|_| target)
 }
 
 /// In-place fill of an f32 CPU tensor, from value `offset` on, with raw
@@ -250,8 +222,6 @@ struct FillFromBytes<'a> {
     bytes: &'a [u8],
     dtype: DType,
     offset: usize,
-    /// Split across the rayon pool (a whole tensor) or not (a piece).
-    parallel: bool,
 }
 
 impl candle_core::InplaceOp1 for FillFromBytes<'_> {
@@ -275,11 +245,7 @@ impl candle_core::InplaceOp1 for FillFromBytes<'_> {
         let Some(out) = data[start..end].get_mut(self.offset..self.offset + count) else {
             candle_core::bail!("fill-from-bytes: more values than the target holds");
         };
-        if self.parallel {
-            convert_into(self.bytes, self.dtype, out);
-        } else {
-            convert_slice(self.bytes, self.dtype, out);
-        }
+        convert_slice(self.bytes, self.dtype, out);
         Ok(())
     }
 }
