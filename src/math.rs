@@ -23,7 +23,8 @@ pub fn exp(x: f32) -> f32 {
     // libm call without FMA), so every step vectorizes on any target.
     const ROUND: f32 = 12_582_912.0;
     let clamped = x.clamp(LOW, HIGH);
-    let n = (clamped * LOG2_E + ROUND) - ROUND;
+    let shifted = clamped * LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     // Taylor-like coefficients of e^r on |r| <= ln2/2 (Cephes' expf polynomial).
     let p = 1.987_569_1e-4f32;
@@ -33,7 +34,16 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `shifted`'s low mantissa bits hold n (|n| <= 127 is far below 2^22):
+    // reading them is an integer add where `n as i32` (saturating) would
+    // be a scalar conversion per element and keep the loop from vectorizing.
+    let scale = f32::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(ROUND.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     let y = e_r * scale;
     if x < LOW {
         0.0
@@ -79,19 +89,28 @@ unsafe fn sum_exp_avx2(values: &[f32], shift: f32) -> f64 {
 #[inline(always)]
 fn sum_exp_lanes(values: &[f32], shift: f32) -> f64 {
     const LANES: usize = 16;
+    // Each f32 lane sums this many terms before it is added into f64:
+    // rounding error ~1e-7 relative, and the inner loop stays in f32 (a
+    // per-term f64 add kept it from vectorizing).
+    const TERMS: usize = 16;
     let mut acc = [0f64; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
+    let mut total = 0f64;
+    for block in values.chunks(LANES * TERMS) {
+        let mut part = [0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        for &v in chunks.remainder() {
+            total += exp(v - shift) as f64;
+        }
+        for c in chunks {
+            for l in 0..LANES {
+                part[l] += exp(c[l] - shift);
+            }
+        }
         for l in 0..LANES {
-            acc[l] += exp(c[l] - shift) as f64;
+            acc[l] += part[l] as f64;
         }
     }
-    let mut total: f64 = acc.iter().sum();
-    for &v in rest {
-        total += exp(v - shift) as f64;
-    }
-    total
+    total + acc.iter().sum::<f64>()
 }
 
 #[cfg(test)]
