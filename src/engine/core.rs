@@ -10,6 +10,7 @@
 
 use super::block_pool::{version_seed, BlockPool};
 use super::events::{EngineEvent, EventSender, TokenEvent};
+use super::logits::HostLogits;
 use super::params::{DistributionParams, LogprobsMode, SamplingParams};
 use super::sampler;
 use super::sequence::Sequence;
@@ -540,22 +541,19 @@ impl EngineCore {
             })
             .map(|p| p.index)
             .collect();
-        let logits = self
-            .model
-            .forward(&segments, &self.pool)
-            .and_then(|l| l.to_vec2::<f32>());
+        let logits = self.model.forward(&segments, &self.pool);
         drop(segments);
-        let rows = match logits {
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(e) => return self.fail_running(e),
+        };
+        let host = match HostLogits::new(&logits) {
+            Ok(host) => host,
+            Err(e) => return self.fail_running(e),
+        };
+        let rows = match host.rows() {
             Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed; failing running requests");
-                for mut seq in self.running.drain(..) {
-                    seq.free_blocks(&mut self.blocks);
-                    let _ = seq.events.send(EngineEvent::Failed(e.to_string()));
-                }
-                self.publish_stats();
-                return;
-            }
+            Err(e) => return self.fail_running(e),
         };
         let bs = self.blocks.block_size();
         for p in &plan {
@@ -570,7 +568,7 @@ impl EngineCore {
         // Sample every sequence that reached its end, in parallel: each draws
         // from its own RNG, so the result does not depend on the batch.
         let mut row_of = vec![None; self.running.len()];
-        for (row, &index) in rows.into_iter().zip(&samplers) {
+        for (row, &index) in rows.zip(&samplers) {
             row_of[index] = Some(row);
         }
         let eos = &self.eos_token_ids;
@@ -578,7 +576,7 @@ impl EngineCore {
             .running
             .par_iter_mut()
             .zip(row_of.par_iter())
-            .map(|(seq, row)| row.as_ref().map(|row| sample_next(seq, row, eos)))
+            .map(|(seq, row)| row.map(|row| sample_next(seq, row, eos)))
             .collect();
         let mut generated = 0;
         let mut keep = Vec::with_capacity(self.running.len());
@@ -616,6 +614,17 @@ impl EngineCore {
         }
         self.stats
             .record_step(generated, chunks.iter().map(Vec::len).sum());
+        self.publish_stats();
+    }
+
+    /// Ends every running request with `e` (a failed forward pass) and
+    /// frees their blocks.
+    fn fail_running(&mut self, e: candle_core::Error) {
+        tracing::error!(error = %e, "forward pass failed; failing running requests");
+        for mut seq in self.running.drain(..) {
+            seq.free_blocks(&mut self.blocks);
+            let _ = seq.events.send(EngineEvent::Failed(e.to_string()));
+        }
         self.publish_stats();
     }
 

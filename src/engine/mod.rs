@@ -7,6 +7,7 @@
 pub mod block_pool;
 pub mod core;
 pub mod events;
+pub mod logits;
 pub mod params;
 pub mod sampler;
 pub mod sequence;

@@ -59,9 +59,14 @@ impl CustomOp2 for CpuMatmulTransposed {
         }
         let x = contiguous::<f32>(s1, l1, "input")?;
         let w = contiguous::<f32>(s2, l2, "weight")?;
-        let mut out = vec![0f32; m * n];
-        let done = m <= skinny::MAX_ROWS && skinny::matmul_t(x, m, k, w, n, &mut out);
-        if !done {
+        let mut out = Vec::with_capacity(m * n);
+        if m <= skinny::MAX_ROWS
+            && skinny::matmul_t_uninit(x, m, k, w, n, &mut out.spare_capacity_mut()[..m * n])
+        {
+            // SAFETY: the kernel returned true, so it wrote all m * n values.
+            unsafe { out.set_len(m * n) };
+        } else {
+            out.resize(m * n, 0f32);
             match blas() {
                 Some(b) => b.matmul_t(x, m, k, w, n, &mut out),
                 None => candle_core::bail!("no CPU matmul kernel for {m}x{k} @ ({n}x{k})^T"),

@@ -17,6 +17,7 @@
 
 use super::simd::{simd, Simd};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Activation rows up to which this kernel beats BLAS (measured by
 /// `cargo bench --bench engine`, "weights from memory" table).
@@ -69,6 +70,23 @@ impl OutPtr {
 /// `out[m, n] = sum_k x[m, k] * w[n, k]` (row-major, `out` fully overwritten).
 /// Returns `false` (and does nothing) if this CPU has no kernel.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> bool {
+    // SAFETY: same layout; the kernel only writes initialized values.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    matmul_t_uninit(x, m, k, w, n, out)
+}
+
+/// [`matmul_t`] into memory that need not be initialized: when it returns
+/// `true`, every one of the first `m * n` values has been written. Spares
+/// the caller zeroing an output it is about to overwrite (the logits of a
+/// decode step are 150k floats a row).
+pub fn matmul_t_uninit(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [MaybeUninit<f32>],
+) -> bool {
     isa().is_some_and(|isa| matmul_t_with(isa, x, m, k, w, n, out))
 }
 
@@ -97,7 +115,7 @@ fn matmul_t_with(
     k: usize,
     w: &[f32],
     n: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) -> bool {
     let Some((width, rows)) = tile_shape(isa, m) else {
         return false;
@@ -111,13 +129,15 @@ fn matmul_t_with(
         return true;
     }
     if k == 0 {
-        out[..m * n].fill(0.0);
+        out[..m * n].iter_mut().for_each(|o| {
+            o.write(0.0);
+        });
         return true;
     }
     let mpad = m.div_ceil(width) * width;
     let xt = transpose_padded(x, m, k, mpad);
     let tiles = n.div_ceil(rows);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
     let xt = &xt;
     (0..tiles).into_par_iter().with_min_len(4).for_each(|t| {
         let n0 = t * rows;
@@ -186,7 +206,15 @@ const DOT_PASS_ROWS: usize = 4;
 const DOT_WEIGHT_ROWS: usize = 4;
 
 /// `out = x @ w^T` for `m <= DOT_MAX_ROWS` rows, as dot products.
-fn matmul_t_dot(isa: Simd, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+fn matmul_t_dot(
+    isa: Simd,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
     // Activation rows `k` floats apart share L1 sets whenever 4 KiB divides
     // the row length (every shape of ours); one cache line of padding per
     // row spreads them over distinct sets.
@@ -196,7 +224,7 @@ fn matmul_t_dot(isa: Simd, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, o
         dst[..k].copy_from_slice(src);
     }
     let x = &padded;
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
     (0..n.div_ceil(DOT_WEIGHT_ROWS))
         .into_par_iter()
         .with_min_len(16)
@@ -520,8 +548,10 @@ mod tests {
             for &(m, k, n) in &shapes {
                 let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
                 let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-                let mut out = vec![f32::NAN; m * n];
+                let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
                 assert!(matmul_t_with(isa, &x, m, k, &w, n, &mut out));
+                // SAFETY: the kernel wrote every value (NaN before).
+                let out: Vec<f32> = out.iter().map(|o| unsafe { o.assume_init() }).collect();
                 let want = reference(&x, m, k, &w, n);
                 for (a, b) in out.iter().zip(&want) {
                     assert!(
