@@ -61,7 +61,7 @@ impl CustomOp2 for CpuMatmulTransposed {
         let w = contiguous::<f32>(s2, l2, "weight")?;
         let mut out = Vec::with_capacity(m * n);
         if m <= skinny::MAX_ROWS
-            && skinny::matmul_t_uninit(x, m, k, w, n, &mut out.spare_capacity_mut()[..m * n])
+            && skinny::matmul_t(x, m, k, w, n, &mut out.spare_capacity_mut()[..m * n])
         {
             // SAFETY: the kernel returned true, so it wrote all m * n values.
             unsafe { out.set_len(m * n) };

@@ -67,19 +67,12 @@ impl OutPtr {
     }
 }
 
-/// `out[m, n] = sum_k x[m, k] * w[n, k]` (row-major, `out` fully overwritten).
+/// `out[m, n] = sum_k x[m, k] * w[n, k]` (row-major). `out` need not be
+/// initialized: when this returns `true`, every one of its first `m * n`
+/// values has been written, which spares the caller zeroing an output it is
+/// about to overwrite (a decode step's logits are 150k floats a row).
 /// Returns `false` (and does nothing) if this CPU has no kernel.
-pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) -> bool {
-    // SAFETY: same layout; the kernel only writes initialized values.
-    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    matmul_t_uninit(x, m, k, w, n, out)
-}
-
-/// [`matmul_t`] into memory that need not be initialized: when it returns
-/// `true`, every one of the first `m * n` values has been written. Spares
-/// the caller zeroing an output it is about to overwrite (the logits of a
-/// decode step are 150k floats a row).
-pub fn matmul_t_uninit(
+pub fn matmul_t(
     x: &[f32],
     m: usize,
     k: usize,
