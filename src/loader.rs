@@ -61,6 +61,19 @@ impl LoadedModel {
     /// Loads the weights (converted to `dtype`) of the checkpoint in `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, LoadError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        tracing::info!(
+            architecture = config.architecture.hf_class(),
+            rope_theta = config.rope.theta,
+            rope_scaling = ?config.rope.scaling,
+            "config read"
+        );
+        if let Some(window) = config.attention.sliding_window {
+            tracing::info!(
+                sliding_window = window,
+                max_context = config.max_context(),
+                "sliding-window layers: the context is capped at the window, so no layer attends past it"
+            );
+        }
         let tensors = read_checkpoint(dir, device)?;
         let store = ParamStore::from_tensors(&config, tensors, dtype, device)?;
         let model = Model::new(&config, &store, device)?;

@@ -161,8 +161,7 @@ fn multi_turn(t: &Target) -> anyhow::Result<Outcome> {
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
     let mut messages = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
-    // (prompt, generation, whether it ended on a stop token the template re-adds)
-    let mut previous: Option<(Vec<u64>, Vec<u64>, bool)> = None;
+    let mut previous: Option<(Vec<u64>, Vec<u64>)> = None;
     for turn in 1..=3 {
         let mut body = gym_request(messages.clone());
         body["tools"] = tools.clone();
@@ -172,11 +171,9 @@ fn multi_turn(t: &Target) -> anyhow::Result<Outcome> {
             ids(&m["prompt_token_ids"])?,
             ids(&m["generation_token_ids"])?,
         );
-        if let Some((p, g, stopped)) = &previous {
-            let mut full: Vec<u64> = p.iter().chain(g).copied().collect();
-            if *stopped && !prompt.starts_with(&full) {
-                full.pop(); // the EOS the template writes itself
-            }
+        if let Some((p, g)) = &previous {
+            // Exactly, whichever stop token ended the turn (or none).
+            let full: Vec<u64> = p.iter().chain(g).copied().collect();
             let ok = prompt.starts_with(&full);
             anyhow::ensure!(
                 ok,
@@ -188,6 +185,7 @@ fn multi_turn(t: &Target) -> anyhow::Result<Outcome> {
         let ids_fields = |mut msg: Value| {
             msg["prompt_token_ids"] = json!(prompt);
             msg["generation_token_ids"] = json!(gen);
+            msg["generation_log_probs"] = m["generation_log_probs"].clone();
             msg
         };
         match turn {
@@ -203,8 +201,7 @@ fn multi_turn(t: &Target) -> anyhow::Result<Outcome> {
                 list.push(json!({"role": "user", "content": "Thanks. And tomorrow?"}));
             }
         }
-        let stopped = resp["choices"][0]["finish_reason"] == "stop";
-        previous = Some((prompt, gen, stopped));
+        previous = Some((prompt, gen));
     }
     Ok(Outcome::Pass(
         "turns 2 and 3 start with the exact tokens of the turns before".into(),

@@ -42,6 +42,7 @@ fn broken_proxy(upstream: String, breakage: Breakage) -> String {
                             if let Some(o) = m.as_object_mut() {
                                 o.remove("prompt_token_ids");
                                 o.remove("generation_token_ids");
+                                o.remove("generation_log_probs");
                             }
                         }
                     }

@@ -8,6 +8,7 @@ use super::generation::{
     Runner, TokenFormat,
 };
 use super::json::{from_body, ApiJson};
+use super::tools::{checked_tools, tool_use, ToolUse};
 use super::types::{explicit_null, normalize_messages, SamplingRequest};
 use super::AppState;
 use crate::chat::parsers::{parse_output, ParsedOutput, ReasoningParser, ToolCallParser};
@@ -67,11 +68,8 @@ pub async fn chat_completions(
         _ => 0,
     };
     normalize_messages(&mut req.messages)?;
-    let tools = req.tools.as_ref().filter(|t| !t.is_null());
-    let tool_choice_none = matches!(
-        req.tool_choice.as_ref().and_then(Value::as_str),
-        Some("none")
-    );
+    let tools = checked_tools(req.tools.as_ref())?;
+    let tool_use = tool_use(tools, req.tool_choice.as_ref())?;
     let prompt = state.chat.encode_chat_on_policy(
         &req.messages,
         tools,
@@ -92,10 +90,9 @@ pub async fn chat_completions(
         },
         return_token_ids: req.sampling.return_token_ids.unwrap_or(false),
         reasoning: state.reasoning_parser,
-        tools: if tools.is_some() && !tool_choice_none {
-            state.tool_call_parser
-        } else {
-            ToolCallParser::None
+        tools: match tool_use {
+            ToolUse::Auto => state.tool_call_parser,
+            ToolUse::Off => ToolCallParser::None,
         },
         include_usage: req
             .sampling

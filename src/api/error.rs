@@ -96,10 +96,24 @@ impl ApiError {
     }
 }
 
+/// At most 300 characters of `message`, cut on a character boundary.
+fn log_excerpt(message: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 300;
+    match message.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &message[..cut], message.len()).into(),
+        None => message.into(),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let status = self.status().as_u16();
         if self.status().is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            tracing::error!(status, error = %self, "request failed");
+        } else {
+            // Once per refusal, so an operator sees why clients get 4xx; the
+            // message only (never the body), cut short since it can quote input.
+            tracing::warn!(status, error = %log_excerpt(&self.to_string()), "request refused");
         }
         (self.status(), Json(self.body())).into_response()
     }

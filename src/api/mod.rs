@@ -11,6 +11,7 @@ pub mod json;
 pub mod metrics;
 pub mod scoring;
 pub mod tokenize;
+pub mod tools;
 pub mod types;
 pub mod weights;
 
@@ -156,6 +157,7 @@ async fn health() -> &'static str {
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
+    tracing::warn!(status = 404, path = %uri.path().chars().take(200).collect::<String>(), "no such route");
     let body = json!({"error": {"message": format!("no route for {uri}"), "type": "NotFoundError", "param": null, "code": 404}});
     (axum::http::StatusCode::NOT_FOUND, Json(body)).into_response()
 }

@@ -4,6 +4,7 @@
 
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::tools::checked_tools;
 use super::types::normalize_messages;
 use super::AppState;
 use axum::extract::State;
@@ -34,7 +35,7 @@ pub async fn tokenize(
             normalize_messages(&mut messages)?;
             state.chat.encode_chat_on_policy(
                 &messages,
-                req.tools.as_ref().filter(|t| !t.is_null()),
+                checked_tools(req.tools.as_ref())?,
                 req.add_generation_prompt.unwrap_or(true),
                 &req.chat_template_kwargs.unwrap_or_default(),
                 req.required_prefix_token_ids.as_deref(),
@@ -60,6 +61,8 @@ pub async fn tokenize(
             ))
         }
     };
+    // The same IDs a chat request would refuse are refused here too.
+    state.engine.check_vocab(&tokens)?;
     let token_strs: Vec<String> = tokens
         .iter()
         .map(|&t| state.chat.tokenizer.id_to_token(t).unwrap_or_default())

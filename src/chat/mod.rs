@@ -49,6 +49,8 @@ struct TokenizerConfig {
     eos_token: Option<SpecialToken>,
     pad_token: Option<SpecialToken>,
     unk_token: Option<SpecialToken>,
+    add_bos_token: Option<bool>,
+    add_eos_token: Option<bool>,
 }
 
 /// Tokenizer, chat template and EOS IDs of one checkpoint.
@@ -62,7 +64,7 @@ impl ChatProcessor {
     /// Loads `tokenizer.json`, `tokenizer_config.json` (template, special
     /// tokens), `chat_template.jinja` if present, and `generation_config.json`.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self, ChatError> {
-        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let mut tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: TokenizerConfig = if tc_path.exists() {
             let text = std::fs::read_to_string(&tc_path)
@@ -99,6 +101,12 @@ impl ChatProcessor {
                 special.insert(key.into(), Json::String(t.content().to_string()));
             }
         }
+        tokenizer.apply_bos_eos_flags(&tokenizer::BosEosFlags {
+            add_bos: tc.add_bos_token,
+            add_eos: tc.add_eos_token,
+            bos: tc.bos_token.as_ref().map(|t| t.content().to_string()),
+            eos: tc.eos_token.as_ref().map(|t| t.content().to_string()),
+        })?;
         let template = source.map(|s| ChatTemplate::new(s, special)).transpose()?;
         let eos = tc.eos_token.as_ref().map(|t| t.content().to_string());
         let eos_token_ids =

@@ -20,6 +20,58 @@ impl TextTokenizer {
         Self { inner }
     }
 
+    /// Applies `add_bos_token` / `add_eos_token` the way transformers 5 does:
+    /// when `tokenizer_config.json` sets either, or `tokenizer.json` has no
+    /// post-processor, the post-processor becomes `[bos] $A [eos]` with each
+    /// part only if its flag is set (unset flags count as false). This decides
+    /// what `add_special_tokens` adds to text prompts.
+    pub fn apply_bos_eos_flags(&mut self, flags: &BosEosFlags) -> Result<(), ChatError> {
+        let explicit = flags.add_bos.is_some() || flags.add_eos.is_some();
+        if !explicit && self.inner.get_post_processor().is_some() {
+            return Ok(());
+        }
+        let mut special = Vec::new();
+        let mut pieces = Vec::new();
+        let named =
+            |token: &Option<String>, what: &str| -> Result<Option<(String, u32)>, ChatError> {
+                let Some(token) = token else { return Ok(None) };
+                let id = self.inner.token_to_id(token).ok_or_else(|| {
+                    ChatError::Config(format!("{what} {token:?} is not in the vocabulary"))
+                })?;
+                Ok(Some((token.clone(), id)))
+            };
+        // transformers turns a flag off when its token is not set.
+        let bos = named(&flags.bos, "bos_token")?.filter(|_| flags.add_bos == Some(true));
+        let eos = named(&flags.eos, "eos_token")?.filter(|_| flags.add_eos == Some(true));
+        if let Some((token, _)) = &bos {
+            pieces.push(format!("{token}:0"));
+        }
+        pieces.push("$A:0".into());
+        if let Some((token, _)) = &eos {
+            pieces.push(format!("{token}:0"));
+        }
+        let single = pieces.join(" ");
+        let mut pair = single.clone();
+        if let Some((token, _)) = &bos {
+            pair.push_str(&format!(" {token}:1"));
+        }
+        pair.push_str(" $B:1");
+        if let Some((token, _)) = &eos {
+            pair.push_str(&format!(" {token}:1"));
+        }
+        special.extend(bos);
+        special.extend(eos);
+        let template = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(single.as_str())
+            .and_then(|b| b.try_pair(pair.as_str()))
+            .map_err(|e| ChatError::Config(format!("post-processor: {e}")))?
+            .special_tokens(special)
+            .build()
+            .map_err(|e| ChatError::Config(format!("post-processor: {e}")))?;
+        self.inner.with_post_processor(Some(template));
+        Ok(())
+    }
+
     /// Token IDs of `text`. Chat prompts are encoded without added special
     /// tokens (the template already wrote them), as transformers does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ChatError> {
@@ -77,6 +129,16 @@ fn byte_level_char_to_byte(c: char) -> Option<u8> {
         .filter(|b| !printable(*b))
         .nth(shifted as usize)
         .map(|b| b as u8)
+}
+
+/// `tokenizer_config.json`'s `add_bos_token` / `add_eos_token` (absent: None)
+/// and the special tokens they refer to.
+#[derive(Debug, Clone, Default)]
+pub struct BosEosFlags {
+    pub add_bos: Option<bool>,
+    pub add_eos: Option<bool>,
+    pub bos: Option<String>,
+    pub eos: Option<String>,
 }
 
 /// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.

@@ -254,6 +254,12 @@ impl EngineHandle {
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        self.check_vocab(tokens)
+    }
+
+    /// Every ID is in the model's vocabulary (the check generation applies,
+    /// for endpoints that only tokenize).
+    pub fn check_vocab(&self, tokens: &[u32]) -> Result<(), EngineError> {
         if let Some(&token) = tokens
             .iter()
             .find(|&&t| t as usize >= self.limits.vocab_size)

@@ -60,7 +60,8 @@ struct DecoderLayer {
 
 #[derive(Debug, Clone)]
 pub struct Model {
-    config: ModelConfig,
+    /// Shared: a model is moved through channels on every weight swap.
+    config: std::sync::Arc<ModelConfig>,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -136,9 +137,9 @@ impl Model {
                     config.rms_norm_eps,
                 ),
                 mlp: Mlp {
-                    gate: proj("mlp.gate_proj", false)?,
-                    up: proj("mlp.up_proj", false)?,
-                    down: proj("mlp.down_proj", false)?,
+                    gate: proj("mlp.gate_proj", config.mlp_bias)?,
+                    up: proj("mlp.up_proj", config.mlp_bias)?,
+                    down: proj("mlp.down_proj", config.mlp_bias)?,
                 },
             });
         }
@@ -149,7 +150,7 @@ impl Model {
             Linear::new(get("lm_head.weight")?, None)
         };
         Ok(Self {
-            config: config.clone(),
+            config: std::sync::Arc::new(config.clone()),
             embed_tokens,
             layers,
             norm: RmsNorm::new(get("model.norm.weight")?, config.rms_norm_eps),

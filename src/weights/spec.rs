@@ -81,9 +81,16 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             NormScale,
         ));
         let m = cfg.intermediate_size;
-        out.push(spec(format!("{p}.mlp.gate_proj.weight"), &[m, h], Matrix));
-        out.push(spec(format!("{p}.mlp.up_proj.weight"), &[m, h], Matrix));
-        out.push(spec(format!("{p}.mlp.down_proj.weight"), &[h, m], Matrix));
+        for (proj, shape) in [
+            ("gate_proj", [m, h]),
+            ("up_proj", [m, h]),
+            ("down_proj", [h, m]),
+        ] {
+            out.push(spec(format!("{p}.mlp.{proj}.weight"), &shape, Matrix));
+            if cfg.mlp_bias {
+                out.push(spec(format!("{p}.mlp.{proj}.bias"), &shape[..1], Bias));
+            }
+        }
     }
     out.push(spec("model.norm.weight".into(), &[h], NormScale));
     if !cfg.tie_word_embeddings {
