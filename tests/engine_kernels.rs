@@ -56,8 +56,18 @@ fn logits_with_cache(model: &gym_serve::model::Model, tokens: &[u32], kv_dtype: 
     out
 }
 
+/// The switches are process-wide and the test harness runs tests on parallel
+/// threads: without this lock one test could flip a path under the other, or
+/// compare a path with itself.
+static SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn switches() -> std::sync::MutexGuard<'static, ()> {
+    SWITCHES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn every_cpu_matmul_and_attention_path_agrees() {
+    let _switches = switches();
     let (_dir, loaded) = common::tiny_qwen3(105);
     let tokens = common::prompts(&loaded).concat();
     let reference = logits(&loaded.model, &tokens);
@@ -102,6 +112,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn bf16_cache_kernel_agrees_with_the_gather_path() {
+    let _switches = switches();
     let (_dir, loaded) = common::tiny_qwen3(106);
     let tokens = common::prompts(&loaded).concat();
     let model = &loaded.model;
