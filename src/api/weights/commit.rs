@@ -7,7 +7,7 @@
 
 use crate::api::error::ApiError;
 use crate::api::AppState;
-use crate::engine::{PauseMode, SwapReport};
+use crate::engine::PauseMode;
 use crate::model::Model;
 use crate::weights::ParamStore;
 use std::time::Instant;

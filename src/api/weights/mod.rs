@@ -218,6 +218,7 @@ pub async fn push_weights(
     let options = match push_options(query) {
         Ok(options) => options,
         Err(e) => {
+            state.refits.record_failure();
             body::discard(body, &headers, state.weights_body_idle);
             return Err(e);
         }
@@ -335,7 +336,10 @@ pub async fn update_from_disk(
                 .await
                 .map(|done| (done, path))
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            state.refits.record_failure();
+            Err(e)
+        }
     };
     match result {
         Ok(((version, tensors), path)) => {
