@@ -366,6 +366,15 @@ fn disk_updates_read_only_bounded_regular_files() {
     assert_eq!(status, 200, "{reply}");
     assert_eq!(fingerprint(&a), fingerprint(&fresh_y));
     truth_is(&a, "y", 1, cases.len() as u64 + 1);
+    // Shards are read the same way, and together must be the whole model.
+    let mut opts = common::tiny_options(Architecture::Qwen3, 108);
+    opts.shards = 3;
+    let sharded_x = common::write_model(&opts);
+    let body = serde_json::to_vec(&json!({"model_path": sharded_x.path()})).unwrap();
+    let (status, reply, _) = disk_update(&a, body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(fingerprint(&a), baseline);
+    truth_is(&a, "y+1", 2, cases.len() as u64 + 1);
     healthy_within(&a, HEALTHY);
 }
 

@@ -3,7 +3,8 @@
 //! [`ParamStore`] built beside the served one. The served store is never
 //! touched, so a failed update leaves the weights bit for bit as they were.
 
-use super::finite::{check_tensor, F32Exponents};
+use super::convert::convert_slice;
+use super::finite::check_tensor;
 use super::spec::param_specs;
 use super::{ParamStore, WeightsError};
 use crate::config::ModelConfig;
@@ -175,32 +176,6 @@ fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> bool {
         .zip(bytes.par_chunks(CHUNK * width))
         .map(|(dst, src)| convert_slice(src, dtype, dst))
         .reduce(|| true, |a, b| a && b)
-}
-
-/// [`convert_into`] on the calling thread alone.
-fn convert_slice(bytes: &[u8], dtype: DType, out: &mut [f32]) -> bool {
-    let mut seen = F32Exponents::default();
-    match dtype {
-        DType::BF16 => {
-            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-                seen.see(*d);
-            }
-        }
-        DType::F16 => {
-            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                seen.see(*d);
-            }
-        }
-        _ => {
-            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                seen.see(*d);
-            }
-        }
-    }
-    seen.all_finite()
 }
 
 /// Whether [`fill_part`] can write a tensor of `dtype` and `shape` into
