@@ -92,6 +92,17 @@ pub struct ServeArgs {
     /// Largest `POST /v1/weights` body (default: twice the served weights).
     #[arg(long, env = "GYM_SERVE_MAX_WEIGHTS_BYTES")]
     pub max_weights_bytes: Option<usize>,
+    /// Seconds a weight update's body may send nothing before it is cut
+    /// (408), so a stalled upload cannot hold the weights lock.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds, env = "GYM_SERVE_WEIGHTS_BODY_IDLE_TIMEOUT")]
+    pub weights_body_idle_timeout: f64,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -78,6 +78,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         push_buffers: Default::default(),
         admin_api_key: args.admin_api_key.clone(),
         max_weights_bytes,
+        weights_body_idle: std::time::Duration::from_secs_f64(args.weights_body_idle_timeout),
         refits: refits.clone(),
         metrics: crate::api::metrics::Metrics::new(engine_stats, refits),
     });

@@ -27,6 +27,12 @@ pub enum ApiError {
     Weights(#[from] crate::weights::WeightsError),
     #[error("the body is larger than --max-weights-bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body is over {limit} bytes ({what})")]
+    BodyTooLarge { limit: usize, what: &'static str },
+    #[error(
+        "the body sent nothing for {seconds} s (--weights-body-idle-timeout); the upload was cut"
+    )]
+    BodyIdle { seconds: f64 },
     #[error("{0}")]
     Internal(String),
 }
@@ -54,7 +60,10 @@ impl ApiError {
                 _ => StatusCode::BAD_REQUEST,
             },
             ApiError::Weights(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::BodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -78,6 +87,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
+            StatusCode::REQUEST_TIMEOUT => "TimeoutError",
             s if s.is_server_error() => "InternalServerError",
             _ => "BadRequestError",
         }

@@ -55,6 +55,9 @@ pub struct AppState {
     pub admin_api_key: Option<String>,
     /// Largest accepted `POST /v1/weights` body.
     pub max_weights_bytes: usize,
+    /// Longest wait for the next bytes of a weight update's body; a
+    /// stalled upload is cut so it cannot hold the weights lock.
+    pub weights_body_idle: std::time::Duration,
     pub refits: Arc<weights::RefitStats>,
     pub metrics: metrics::Metrics,
 }

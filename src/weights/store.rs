@@ -98,8 +98,8 @@ impl ParamStore {
     }
 }
 
-/// Floating-point checkpoints convert to the run dtype; anything else is refused
-/// by name rather than silently reinterpreted.
+/// Floating-point checkpoints convert to the run dtype; anything else, and
+/// NaN or infinite values, are refused by name rather than served.
 fn convert(name: &str, t: Tensor, dtype: DType, device: &Device) -> Result<Tensor, WeightsError> {
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {}
@@ -111,5 +111,6 @@ fn convert(name: &str, t: Tensor, dtype: DType, device: &Device) -> Result<Tenso
         }
     }
     let t = t.to_device(device)?.to_dtype(dtype)?;
+    super::finite::check_tensor(name, &t)?;
     Ok(t)
 }

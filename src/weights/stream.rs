@@ -11,6 +11,7 @@
 //! ([`crate::engine::EngineHandle::between_steps`]); without an engine they
 //! run on a staging thread. The whole body is never held.
 
+use super::header::{data_len, header_length, parse_header, HeaderEntry, PREFIX};
 use super::update::{
     check_header, convert_bytes, fill_part, fits_in_place, is_tied_alias, UpdateMode,
 };
@@ -38,89 +39,13 @@ fn staging_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Largest accepted JSON header (the safetensors format's own limit).
-const MAX_HEADER: usize = 100_000_000;
-
-/// One tensor as the header describes it.
-#[derive(Debug, Clone)]
-pub struct HeaderEntry {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub begin: usize,
-    pub end: usize,
-}
-
-fn dtype_of(name: &str, tag: &str) -> Result<DType, WeightsError> {
-    match tag {
-        "F32" => Ok(DType::F32),
-        "F16" => Ok(DType::F16),
-        "BF16" => Ok(DType::BF16),
-        "F64" => Ok(DType::F64),
-        other => Err(WeightsError::UnsupportedDtype {
-            name: name.to_string(),
-            dtype: other.to_string(),
-        }),
-    }
-}
-
-/// Parses and checks a safetensors JSON header: entries sorted by offset,
-/// contiguous from 0, each exactly `numel * dtype size` bytes.
-pub fn parse_header(json: &[u8]) -> Result<Vec<HeaderEntry>, WeightsError> {
-    let bad =
-        |m: String| WeightsError::Format(format!("the body is not a valid safetensors file: {m}"));
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
-    let mut entries = Vec::with_capacity(map.len());
-    for (name, info) in map {
-        if name == "__metadata__" {
-            continue;
-        }
-        let field = |k: &str| info.get(k).ok_or_else(|| bad(format!("{name}: no `{k}`")));
-        let dtype = dtype_of(&name, field("dtype")?.as_str().unwrap_or_default())?;
-        let nums = |k: &str| -> Result<Vec<usize>, WeightsError> {
-            field(k)?
-                .as_array()
-                .and_then(|a| a.iter().map(|v| v.as_u64().map(|n| n as usize)).collect())
-                .ok_or_else(|| bad(format!("{name}: `{k}` must be a list of integers")))
-        };
-        let shape = nums("shape")?;
-        let offsets = nums("data_offsets")?;
-        let [begin, end] = offsets[..] else {
-            return Err(bad(format!("{name}: `data_offsets` must have two entries")));
-        };
-        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if end < begin || end - begin != expected {
-            return Err(bad(format!(
-                "{name}: {} data bytes for shape {shape:?}",
-                end.saturating_sub(begin)
-            )));
-        }
-        entries.push(HeaderEntry {
-            name,
-            dtype,
-            shape,
-            begin,
-            end,
-        });
-    }
-    entries.sort_by_key(|e| e.begin);
-    let mut at = 0;
-    for e in &entries {
-        if e.begin != at {
-            return Err(bad(format!(
-                "{}: data does not follow the previous tensor",
-                e.name
-            )));
-        }
-        at = e.end;
-    }
-    Ok(entries)
-}
-
+/// Every phase consumes at least one byte per step of [`StreamingUpdate::push`]
+/// (or moves on), so no input can make it spin.
 enum Phase {
-    /// Collecting the 8-byte length and the JSON header.
-    Header(Vec<u8>),
+    /// Collecting the 8-byte header length.
+    Length(Vec<u8>),
+    /// Collecting the JSON header of `len` bytes (at least 2).
+    Header { len: usize, json: Vec<u8> },
     /// Collecting tensor `next`'s bytes into `buffer`, or converting them
     /// straight into its target (`direct`).
     Data {
@@ -134,6 +59,7 @@ enum Phase {
 /// receive buffer to copy through, and nothing left to convert once the
 /// last byte is in.
 struct DirectFill {
+    name: String,
     target: Tensor,
     dtype: DType,
     width: usize,
@@ -152,13 +78,25 @@ impl DirectFill {
             if self.carry.len() < self.width {
                 return Ok(());
             }
-            fill_part(&self.target, &self.carry, self.dtype, self.written)?;
+            fill_part(
+                &self.name,
+                &self.target,
+                &self.carry,
+                self.dtype,
+                self.written,
+            )?;
             self.written += 1;
             self.carry.clear();
         }
         let whole = data.len() / self.width * self.width;
         if whole > 0 {
-            fill_part(&self.target, &data[..whole], self.dtype, self.written)?;
+            fill_part(
+                &self.name,
+                &self.target,
+                &data[..whole],
+                self.dtype,
+                self.written,
+            )?;
             self.written += whole / self.width;
         }
         self.carry.extend_from_slice(&data[whole..]);
@@ -192,6 +130,7 @@ fn direct_target(
         None => Tensor::zeros(entry.shape.as_slice(), DType::F32, &Device::Cpu).ok()?,
     };
     Some(DirectFill {
+        name: entry.name.clone(),
         target,
         dtype: entry.dtype,
         width: entry.dtype.size_in_bytes(),
@@ -212,6 +151,8 @@ pub struct StreamingUpdate {
     /// Retired tensors, by name, to convert into instead of allocating.
     reuse: HashMap<String, Tensor>,
     buffers: BufferPool,
+    /// Length prefix plus JSON header, once the header is in.
+    header_bytes: usize,
 }
 
 /// Receive buffers handed back once their tensor is converted, so later
@@ -274,34 +215,45 @@ impl StreamingUpdate {
             mode,
             run,
             device: device.clone(),
-            phase: Phase::Header(Vec::new()),
+            phase: Phase::Length(Vec::with_capacity(PREFIX)),
             entries: Vec::new(),
             pending: Vec::new(),
+            header_bytes: 0,
         }
+    }
+
+    /// The whole file's size as its header describes it, once the header
+    /// has been read and checked.
+    pub fn expected_len(&self) -> Option<usize> {
+        matches!(self.phase, Phase::Data { .. })
+            .then(|| self.header_bytes + data_len(&self.entries))
     }
 
     /// Feeds the next bytes of the body.
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), WeightsError> {
         while !chunk.is_empty() {
             match &mut self.phase {
-                Phase::Header(buf) => {
-                    let need = if buf.len() < 8 {
-                        8 - buf.len()
-                    } else {
-                        let n =
-                            u64::from_le_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
-                        if n > MAX_HEADER {
-                            return Err(WeightsError::Format(
-                                "the safetensors header is too large".into(),
-                            ));
-                        }
-                        8 + n - buf.len()
-                    };
-                    let take = need.min(chunk.len());
+                Phase::Length(buf) => {
+                    let take = (PREFIX - buf.len()).min(chunk.len());
                     buf.extend_from_slice(&chunk[..take]);
                     chunk = &chunk[take..];
-                    if buf.len() > 8 && take == need {
-                        let entries = parse_header(&buf[8..])?;
+                    if let Ok(prefix) = <[u8; PREFIX]>::try_from(buf.as_slice()) {
+                        let len = header_length(prefix)?;
+                        self.phase = Phase::Header {
+                            len,
+                            json: Vec::new(),
+                        };
+                    }
+                }
+                Phase::Header { len, json } => {
+                    // Grown as bytes arrive: a large claimed length costs
+                    // nothing until the bytes are really sent.
+                    let take = (*len - json.len()).min(chunk.len());
+                    json.extend_from_slice(&chunk[..take]);
+                    chunk = &chunk[take..];
+                    if json.len() == *len {
+                        self.header_bytes = PREFIX + *len;
+                        let entries = parse_header(json)?;
                         check_header(&self.cfg, &entries, self.mode)?;
                         self.entries = entries;
                         self.phase = Phase::Data {
@@ -386,7 +338,8 @@ impl StreamingUpdate {
             let buffers = self.buffers.clone();
             let (tx, rx) = oneshot::channel();
             let job = move || {
-                let result = convert_bytes(&bytes, entry.dtype, &entry.shape, run, &device);
+                let result =
+                    convert_bytes(&entry.name, &bytes, entry.dtype, &entry.shape, run, &device);
                 let _ = tx.send(result.map(|t| (entry.name, t)));
                 buffers.give_back(bytes);
             };
@@ -402,12 +355,16 @@ impl StreamingUpdate {
 
     /// The converted tensors, once the whole body has arrived.
     pub async fn finish(self) -> Result<HashMap<String, Tensor>, WeightsError> {
-        let complete =
-            matches!(&self.phase, Phase::Data { next, .. } if *next == self.entries.len());
-        if !complete {
-            return Err(WeightsError::Format(
-                "the body is not a valid safetensors file: it ends before its last tensor (truncated?)".into(),
-            ));
+        let ends = match &self.phase {
+            Phase::Data { next, .. } if *next == self.entries.len() => None,
+            Phase::Data { .. } => Some("before its last tensor"),
+            Phase::Length(_) => Some("inside its 8-byte header length"),
+            Phase::Header { .. } => Some("inside its JSON header"),
+        };
+        if let Some(place) = ends {
+            return Err(WeightsError::Format(format!(
+                "the body is not a valid safetensors file: it ends {place} (truncated?)"
+            )));
         }
         let mut out = HashMap::with_capacity(self.pending.len());
         for rx in self.pending {
@@ -423,6 +380,39 @@ impl StreamingUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stage() -> StreamingUpdate {
+        let shape = crate::fixtures::Preset::Tiny.shape(crate::config::Architecture::Qwen3);
+        let json = crate::fixtures::config_json(&shape, 1, 2).to_string();
+        let cfg = ModelConfig::from_json(&json).unwrap();
+        StreamingUpdate::new(
+            &cfg,
+            UpdateMode::Partial,
+            DType::F32,
+            &Device::Cpu,
+            None,
+            HashMap::new(),
+            BufferPool::default(),
+        )
+    }
+
+    #[test]
+    fn malformed_header_lengths_end_the_stream_at_once() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"\0\0\0\0\0\0\0\0{}", "header length is 0"),
+            (b"\x01\0\0\0\0\0\0\0{}", "header length is 1"),
+            (b"\xff\xff\xff\xff\xff\xff\xff\xff{}", "over the"),
+            (b"\x04\0\0\0\0\0\0\0nope", "not a JSON object"),
+        ];
+        for (body, needle) in cases {
+            // Fed whole and byte by byte: neither may spin.
+            let e = stage().push(body).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            let mut s = stage();
+            let e = body.iter().find_map(|b| s.push(&[*b]).err()).unwrap();
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+    }
 
     #[test]
     fn direct_fill_joins_values_split_across_frames() {
@@ -449,6 +439,7 @@ mod tests {
                 _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             };
             let mut fill = DirectFill {
+                name: "w".into(),
                 target: Tensor::zeros(37, DType::F32, &Device::Cpu).unwrap(),
                 dtype,
                 width: dtype.size_in_bytes(),

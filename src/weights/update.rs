@@ -3,6 +3,8 @@
 //! [`ParamStore`] built beside the served one. The served store is never
 //! touched, so a failed update leaves the weights bit for bit as they were.
 
+use super::convert::convert_slice;
+use super::finite::check_tensor;
 use super::spec::param_specs;
 use super::{ParamStore, WeightsError};
 use crate::config::ModelConfig;
@@ -34,12 +36,7 @@ struct Incoming<'a> {
     name: String,
     dtype: DType,
     shape: Vec<usize>,
-    data: Source<'a>,
-}
-
-enum Source<'a> {
-    Bytes(&'a [u8]),
-    Tensor(Tensor),
+    data: &'a [u8],
 }
 
 fn st_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType, WeightsError> {
@@ -58,7 +55,7 @@ fn st_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType, WeightsError
 /// Checks a streamed header: names, shapes, dtypes, completeness.
 pub(crate) fn check_header(
     cfg: &ModelConfig,
-    entries: &[super::stream::HeaderEntry],
+    entries: &[super::header::HeaderEntry],
     mode: UpdateMode,
 ) -> Result<(), WeightsError> {
     let incoming: Vec<Incoming<'_>> = entries
@@ -68,26 +65,36 @@ pub(crate) fn check_header(
             name: e.name.clone(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            data: Source::Bytes(&[]),
+            data: &[],
         })
         .collect();
     check(cfg, &incoming, mode)
 }
 
-/// Converts one tensor's raw little-endian bytes to the run dtype on `device`.
+/// Converts tensor `name`'s raw little-endian bytes to the run dtype on
+/// `device`, refusing NaN and infinite values.
 pub(crate) fn convert_bytes(
+    name: &str,
     bytes: &[u8],
     dtype: DType,
     shape: &[usize],
     run: DType,
     device: &Device,
 ) -> Result<Tensor, WeightsError> {
-    let tensor = match bytes_to_f32(bytes, dtype).filter(|_| run == DType::F32) {
-        // The common case (a bf16 push into an f32 engine): no intermediate copy.
-        Some(values) => Tensor::from_vec(values, shape, &Device::Cpu)?,
-        None => Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?,
-    };
-    Ok(tensor.to_dtype(run)?.to_device(device)?)
+    if run == DType::F32 && f32_source_width(dtype).is_some() {
+        // The common case (a bf16 push into an f32 engine): no intermediate
+        // copy, and the check rides along the conversion.
+        let (values, finite) = bytes_to_f32(bytes, dtype);
+        if !finite {
+            return Err(WeightsError::NonFinite(name.to_string()));
+        }
+        return Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?);
+    }
+    // Checked after the conversion, on the CPU: f64 values past f32's range
+    // become infinite on the way.
+    let tensor = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?.to_dtype(run)?;
+    check_tensor(name, &tensor)?;
+    Ok(tensor.to_device(device)?)
 }
 
 /// Checks names, shapes, dtypes and (in `full` mode) completeness.
@@ -96,6 +103,9 @@ fn check(
     incoming: &[Incoming<'_>],
     mode: UpdateMode,
 ) -> Result<(), WeightsError> {
+    if incoming.is_empty() {
+        return Err(WeightsError::NoTensors);
+    }
     let specs: HashMap<String, Vec<usize>> = param_specs(cfg)
         .into_iter()
         .map(|s| (s.name, s.shape))
@@ -137,12 +147,13 @@ pub(crate) fn is_tied_alias(cfg: &ModelConfig, name: &str) -> bool {
     cfg.tie_word_embeddings && name == "lm_head.weight"
 }
 
-/// Little-endian bf16/f16/f32 bytes straight to f32 values, in one pass.
-fn bytes_to_f32(bytes: &[u8], dtype: DType) -> Option<Vec<f32>> {
-    let width = f32_source_width(dtype)?;
+/// Little-endian bf16/f16/f32 bytes straight to f32 values, in one pass;
+/// also whether every value is finite.
+fn bytes_to_f32(bytes: &[u8], dtype: DType) -> (Vec<f32>, bool) {
+    let width = f32_source_width(dtype).unwrap_or(4);
     let mut out = vec![0f32; bytes.len() / width];
-    convert_into(bytes, dtype, &mut out);
-    Some(out)
+    let finite = convert_into(bytes, dtype, &mut out);
+    (out, finite)
 }
 
 /// Bytes per value of a dtype [`convert_into`] reads.
@@ -156,34 +167,15 @@ fn f32_source_width(dtype: DType) -> Option<usize> {
 
 /// Little-endian bf16/f16/f32 `bytes` into `out`, split across the calling
 /// rayon pool (the conversion is memory-bound; one core does not saturate
-/// memory). `out` holds exactly one value per source value.
-fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) {
+/// memory). `out` holds exactly one value per source value. Returns
+/// whether every value is finite.
+fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> bool {
     let width = f32_source_width(dtype).unwrap_or(4);
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
-        .for_each(|(dst, src)| convert_slice(src, dtype, dst));
-}
-
-/// [`convert_into`] on the calling thread alone.
-fn convert_slice(bytes: &[u8], dtype: DType, out: &mut [f32]) {
-    match dtype {
-        DType::BF16 => {
-            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }
-        }
-        DType::F16 => {
-            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-            }
-        }
-        _ => {
-            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-    }
+        .map(|(dst, src)| convert_slice(src, dtype, dst))
+        .reduce(|| true, |a, b| a && b)
 }
 
 /// Whether [`fill_part`] can write a tensor of `dtype` and `shape` into
@@ -201,27 +193,36 @@ pub(crate) fn fits_in_place(target: &Tensor, dtype: DType, shape: &[usize]) -> b
 /// target piece by piece as the body arrives. `target` must fit
 /// ([`fits_in_place`]) and be read by nothing else: a new tensor, or a
 /// retired copy of the weights from before the last update (see
-/// `AppState::spare_weights`), whose memory is already mapped.
+/// `AppState::spare_weights`), whose memory is already mapped. A NaN or
+/// infinite value refuses the tensor, named `name`.
 pub(crate) fn fill_part(
+    name: &str,
     target: &Tensor,
     bytes: &[u8],
     dtype: DType,
     offset: usize,
 ) -> Result<(), WeightsError> {
-    target.inplace_op1(&FillFromBytes {
+    let fill = FillFromBytes {
         bytes,
         dtype,
         offset,
-    })?;
-    Ok(())
+        finite: std::cell::Cell::new(true),
+    };
+    target.inplace_op1(&fill)?;
+    if fill.finite.get() {
+        Ok(())
+    } else {
+        Err(WeightsError::NonFinite(name.to_string()))
+    }
 }
 
 /// In-place fill of an f32 CPU tensor, from value `offset` on, with raw
-/// little-endian bytes.
+/// little-endian bytes; notes whether they were all finite.
 struct FillFromBytes<'a> {
     bytes: &'a [u8],
     dtype: DType,
     offset: usize,
+    finite: std::cell::Cell<bool>,
 }
 
 impl candle_core::InplaceOp1 for FillFromBytes<'_> {
@@ -245,16 +246,13 @@ impl candle_core::InplaceOp1 for FillFromBytes<'_> {
         let Some(out) = data[start..end].get_mut(self.offset..self.offset + count) else {
             candle_core::bail!("fill-from-bytes: more values than the target holds");
         };
-        convert_slice(self.bytes, self.dtype, out);
+        self.finite.set(convert_slice(self.bytes, self.dtype, out));
         Ok(())
     }
 }
 
 fn convert(t: Incoming<'_>, run: DType, device: &Device) -> Result<(String, Tensor), WeightsError> {
-    let tensor = match t.data {
-        Source::Bytes(bytes) => convert_bytes(bytes, t.dtype, &t.shape, run, device)?,
-        Source::Tensor(tensor) => tensor.to_dtype(run)?.to_device(device)?,
-    };
+    let tensor = convert_bytes(&t.name, t.data, t.dtype, &t.shape, run, device)?;
     Ok((t.name, tensor))
 }
 
@@ -296,31 +294,10 @@ pub fn stage_from_bytes(
         let dtype = st_dtype(&name, view.dtype())?;
         incoming.push(Incoming {
             shape: view.shape().to_vec(),
-            data: Source::Bytes(view.data()),
+            data: view.data(),
             dtype,
             name,
         });
     }
-    build(current, cfg, incoming, mode, device)
-}
-
-/// Stages an update from tensors already read (e.g. a checkpoint directory).
-pub fn stage_from_tensors(
-    current: &ParamStore,
-    cfg: &ModelConfig,
-    tensors: HashMap<String, Tensor>,
-    mode: UpdateMode,
-    device: &Device,
-) -> Result<(ParamStore, usize), WeightsError> {
-    let incoming = tensors
-        .into_iter()
-        .filter(|(name, _)| !is_tied_alias(cfg, name))
-        .map(|(name, t)| Incoming {
-            dtype: t.dtype(),
-            shape: t.dims().to_vec(),
-            data: Source::Tensor(t),
-            name,
-        })
-        .collect();
     build(current, cfg, incoming, mode, device)
 }

@@ -1,0 +1,151 @@
+//! `POST /update_weights_from_disk`: a checkpoint directory read under
+//! bounds (see [`crate::weights::disk`]), answered in SGLang's shape.
+
+use super::body;
+use super::commit::commit;
+use super::{engine_spawner, next_version, owned};
+use crate::api::error::ApiError;
+use crate::api::AppState;
+use crate::engine::PauseMode;
+use crate::weights::clip;
+use crate::weights::disk::{finish_checkpoint, stage_checkpoint, StageTarget};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest `/update_weights_from_disk` request body (it names a directory).
+const MAX_DISK_REQUEST_BYTES: usize = 64 << 10;
+
+#[derive(Debug, Deserialize)]
+pub struct DiskUpdate {
+    model_path: String,
+    weight_version: Option<String>,
+    #[serde(default)]
+    abort_all_requests: bool,
+    #[serde(default)]
+    flush_cache: bool,
+}
+
+/// Reads the request, at most [`MAX_DISK_REQUEST_BYTES`], within the body
+/// idle timeout.
+async fn disk_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<DiskUpdate, ApiError> {
+    let limit = MAX_DISK_REQUEST_BYTES;
+    let too_large = || ApiError::BodyTooLarge {
+        limit,
+        what: "it names a checkpoint directory",
+    };
+    if body::check_declared(headers, limit).is_err() {
+        return Err(too_large());
+    }
+    let bytes = tokio::time::timeout(state.weights_body_idle, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyIdle {
+            seconds: state.weights_body_idle.as_secs_f64(),
+        })?
+        .map_err(|_| too_large())?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}"), None))
+}
+
+/// The whole disk update, under the weights lock.
+async fn run_disk_update(
+    state: Arc<AppState>,
+    req: DiskUpdate,
+    started: Instant,
+) -> Result<(String, usize), ApiError> {
+    let result = async {
+        let mut served = state.weights.lock().await;
+        let target = StageTarget {
+            run: served.dtype(),
+            device: state.device.clone(),
+            spawner: Some(engine_spawner(&state)),
+            buffers: state.push_buffers.clone(),
+        };
+        let (dir, config) = (
+            std::path::PathBuf::from(&req.model_path),
+            state.config.clone(),
+        );
+        let stages = tokio::task::spawn_blocking(move || stage_checkpoint(&dir, &config, &target))
+            .await
+            .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))??;
+        let updates = finish_checkpoint(&state.config, stages).await?;
+        let tensors = updates.len();
+        let staged = served.with_replacements(updates);
+        let version = req
+            .weight_version
+            .clone()
+            .unwrap_or_else(|| next_version(&state.engine.stats().weight_version()));
+        let pause = if req.abort_all_requests {
+            PauseMode::Abort
+        } else {
+            PauseMode::Wait
+        };
+        // What a disk update replaces is dropped: only pushes convert into
+        // retired memory.
+        commit(&state, &mut served, staged, &version, pause, started).await?;
+        Ok((version, tensors))
+    }
+    .await;
+    if let Err(e) = &result {
+        state.refits.record_failure();
+        tracing::warn!(error = %e, "disk weight update refused; served weights unchanged");
+    }
+    // After the commit, so a failure here cannot hide an update that happened.
+    if req.flush_cache && result.is_ok() {
+        state.engine.reset_prefix_cache().await?;
+    }
+    result
+}
+
+/// `POST /update_weights_from_disk` in SGLang's shape: `{success, message}`.
+pub async fn update_from_disk(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = match disk_request(&state, &headers, body).await {
+        Ok(req) => {
+            let path = clip(&req.model_path);
+            owned(run_disk_update(state.clone(), req, started))
+                .await
+                .map(|done| (done, path))
+        }
+        Err(e) => {
+            state.refits.record_failure();
+            Err(e)
+        }
+    };
+    match result {
+        Ok(((version, tensors), path)) => {
+            let message =
+                format!("loaded {tensors} tensors from {path} as weight version {version}");
+            Json(json!({"success": true, "message": message, "weight_version": version}))
+                .into_response()
+        }
+        Err(e) => {
+            // SGLang answers 400 for what it refuses; sizes and timeouts
+            // keep their own statuses.
+            let status = match e.status() {
+                s if s.is_server_error() => s,
+                s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) => s,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (
+                status,
+                Json(json!({"success": false, "message": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
