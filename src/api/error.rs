@@ -27,6 +27,22 @@ pub enum ApiError {
     Weights(#[from] crate::weights::WeightsError),
     #[error("the body is larger than --max-weights-bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
+    /// A body over its endpoint's bound (`flag`), refused before it is read
+    /// when its `Content-Length` says so.
+    #[error("the body is larger than {flag} ({limit} bytes)")]
+    BodyTooLarge { limit: usize, flag: &'static str },
+    #[error("`{param}` is {value}, over this server's limit of {limit} ({flag})")]
+    LimitExceeded {
+        param: &'static str,
+        value: usize,
+        limit: usize,
+        flag: &'static str,
+    },
+    #[error("the response would be larger than --max-response-bytes ({limit} bytes): ask for fewer choices, tokens or log-probs, or stream it (`stream: true`)")]
+    ResponseTooLarge { limit: usize },
+    /// The request body stalled or took too long (`flag` names the bound).
+    #[error("the request body took too long ({flag})")]
+    BodyTimeout { flag: &'static str },
     #[error("{0}")]
     Internal(String),
 }
@@ -54,7 +70,13 @@ impl ApiError {
                 _ => StatusCode::BAD_REQUEST,
             },
             ApiError::Weights(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::LimitExceeded { .. } | ApiError::ResponseTooLarge { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +85,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { param, .. } => param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::LimitExceeded { param, .. } => Some(param),
             ApiError::Engine(EngineError::InvalidParam(p)) => Some(p.param),
             ApiError::Engine(EngineError::InvalidStart { .. }) => Some("start"),
             ApiError::Chat(ChatError::Template(_)) | ApiError::Chat(ChatError::Splice(_)) => {
@@ -78,6 +101,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
             s if s.is_server_error() => "InternalServerError",
             _ => "BadRequestError",
         }
