@@ -15,7 +15,7 @@ const UNIT: usize = 1024;
 
 /// After a request that held this much, free heap pages are returned to the
 /// system (see `memory::trim`).
-const TRIM_AFTER_BYTES: usize = 32 << 20;
+const TRIM_AFTER_BYTES: usize = 8 << 20;
 
 #[derive(Debug)]
 pub struct MemoryBudget {

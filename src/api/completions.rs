@@ -5,7 +5,7 @@ use super::admission::{RequestShape, Reservation};
 use super::error::ApiError;
 use super::generation::sse_response;
 use super::generation::{
-    finite, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState,
+    finite_f64, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState,
     ResponseMeter, Runner, TokenFormat,
 };
 use super::json::{from_body, ApiJson};
@@ -284,7 +284,7 @@ struct PromptLogprobs<'a> {
 /// One `{logprob, rank, decoded_token}` of `prompt_logprobs`.
 #[derive(Serialize)]
 struct PromptEntry {
-    logprob: f32,
+    logprob: f64,
     rank: Option<usize>,
     decoded_token: String,
 }
@@ -316,7 +316,7 @@ impl Serialize for PromptPosition<'_> {
         m.serialize_entry(
             &self.token.to_string(),
             &PromptEntry {
-                logprob: finite(self.logprob),
+                logprob: finite_f64(self.logprob),
                 rank,
                 decoded_token: decoded(self.token),
             },
@@ -325,7 +325,7 @@ impl Serialize for PromptPosition<'_> {
         for (r, &(t, l)) in self.top.iter().take(self.k).enumerate() {
             if t != self.token {
                 let entry = PromptEntry {
-                    logprob: finite(l),
+                    logprob: finite_f64(l),
                     rank: Some(r + 1),
                     decoded_token: decoded(t),
                 };
@@ -373,7 +373,7 @@ struct LegacyLogprobs<'a> {
 
 /// `{name: logprob}` of a token's alternatives; a name two IDs share keeps
 /// its first place and its last value (as a JSON object built by insertion).
-struct AlternativeMap(Vec<(String, f32)>);
+struct AlternativeMap(Vec<(String, f64)>);
 
 impl Serialize for AlternativeMap {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -383,12 +383,12 @@ impl Serialize for AlternativeMap {
 
 impl LegacyLogprobs<'_> {
     fn alternatives(&self, top: &[(u32, f32)]) -> AlternativeMap {
-        let mut out: Vec<(String, f32)> = Vec::with_capacity(self.k.min(top.len()));
+        let mut out: Vec<(String, f64)> = Vec::with_capacity(self.k.min(top.len()));
         for &(t, l) in top.iter().take(self.k) {
             let name = token_name(self.state, t, self.format);
             match out.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => slot.1 = finite(l),
-                None => out.push((name, finite(l))),
+                Some(slot) => slot.1 = finite_f64(l),
+                None => out.push((name, finite_f64(l))),
             }
         }
         AlternativeMap(out)
@@ -426,7 +426,7 @@ impl Serialize for LegacyLogprobs<'_> {
         let positions = self.positions();
         m.serialize_entry(
             "token_logprobs",
-            &SeqWith(|| positions.clone().map(|(_, p)| p.map(|(l, _)| finite(l)))),
+            &SeqWith(|| positions.clone().map(|(_, p)| p.map(|(l, _)| finite_f64(l)))),
         )?;
         m.serialize_entry(
             "top_logprobs",

@@ -27,6 +27,13 @@ pub fn finite(lp: f32) -> f32 {
     }
 }
 
+/// A log-prob as the JSON number clients have always read: the f32's exact
+/// value as an f64 (`-7.066963195800781`, not the shortest f32 `-7.066963`,
+/// which a Python float reads as a different number).
+pub fn finite_f64(lp: f32) -> f64 {
+    f64::from(finite(lp))
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct ChoiceState {
     pub token_ids: Vec<u32>,
@@ -330,7 +337,7 @@ impl serde::Serialize for ChatLogprobEntry<'_> {
         use serde::ser::SerializeMap;
         let mut m = s.serialize_map(Some(if self.top.is_some() { 4 } else { 3 }))?;
         m.serialize_entry("token", &token_name(self.state, self.id, self.format))?;
-        m.serialize_entry("logprob", &finite(self.logprob))?;
+        m.serialize_entry("logprob", &finite_f64(self.logprob))?;
         m.serialize_entry("bytes", &self.state.chat.tokenizer.token_bytes(self.id))?;
         if let Some(top) = self.top {
             let alternatives = top.iter().map(|&(id, logprob)| ChatLogprobEntry {

@@ -120,7 +120,7 @@ impl Serialize for Finite<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for &lp in self.0 {
-            seq.serialize_element(&super::generation::finite(lp))?;
+            seq.serialize_element(&super::generation::finite_f64(lp))?;
         }
         seq.end()
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod engine;
+pub mod probe;
 pub mod server;
 
 use candle_core::{DType, Device};
