@@ -19,6 +19,10 @@ use tokio::task::JoinSet;
 /// before they are cut.
 const AFTER_ABORT: Duration = Duration::from_secs(1);
 
+/// How long the abort itself may take (it waits for the engine's step in
+/// progress).
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
 pub struct ConnectionOptions {
     /// Time to receive a request's headers; also bounds an idle keep-alive
     /// connection, since hyper times the wait for the next request too.
@@ -97,7 +101,10 @@ pub async fn serve<A, F>(
             open = connections.len(),
             "grace period over; aborting running requests"
         );
-        abort_running().await;
+        // Bounded too: a stuck engine must not keep the process alive.
+        if tokio::time::timeout(ABORT_WAIT, abort_running()).await.is_err() {
+            tracing::warn!("the engine did not answer the abort in time");
+        }
         if !drain(&mut connections, AFTER_ABORT).await {
             tracing::warn!(open = connections.len(), "cutting remaining connections");
             connections.shutdown().await;
