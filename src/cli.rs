@@ -96,6 +96,14 @@ pub struct ServeArgs {
     /// (408), so a stalled upload cannot hold the weights lock.
     #[arg(long, default_value_t = 30.0, value_parser = positive_seconds, env = "GYM_SERVE_WEIGHTS_BODY_IDLE_TIMEOUT")]
     pub weights_body_idle_timeout: f64,
+    /// Serve weight and control endpoints without a key on a non-loopback
+    /// address (with neither --api-key nor --admin-api-key). Without this
+    /// flag such a bind is refused: anyone who can reach the port could
+    /// swap the weights.
+    #[arg(long, env = "GYM_SERVE_ALLOW_OPEN_ADMIN")]
+    pub allow_open_admin: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -103,6 +111,69 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
+}
+
+/// Bounds on what one request or connection may cost (see README,
+/// Reliability). Every one answers 400 or 413 naming its flag.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Largest body of the JSON inference endpoints (chat, completions,
+    /// tokenize, detokenize, logprobs), in bytes.
+    #[arg(long, default_value_t = 16 << 20, env = "GYM_SERVE_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: usize,
+    /// Largest body of the JSON control endpoints (pause, resume,
+    /// reset_prefix_cache, update_weights_from_disk), in bytes.
+    #[arg(long, default_value_t = 1 << 20, env = "GYM_SERVE_MAX_CONTROL_BYTES")]
+    pub max_control_bytes: usize,
+    /// Most prompts in one `/v1/completions` request.
+    #[arg(long, default_value_t = 1024, env = "GYM_SERVE_MAX_PROMPTS")]
+    pub max_prompts: usize,
+    /// Most choices (`n`) per prompt.
+    #[arg(long, default_value_t = 256, env = "GYM_SERVE_MAX_N",
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub max_n: u64,
+    /// Most sequences one request may create (prompts x n).
+    #[arg(long, default_value_t = 4096, env = "GYM_SERVE_MAX_SEQUENCES_PER_REQUEST")]
+    pub max_sequences_per_request: usize,
+    /// Most alternatives per generated token (`top_logprobs`, legacy `logprobs`).
+    #[arg(long, default_value_t = 20, env = "GYM_SERVE_MAX_TOP_LOGPROBS")]
+    pub max_top_logprobs: usize,
+    /// Most alternatives per prompt token (`prompt_logprobs`).
+    #[arg(long, default_value_t = 20, env = "GYM_SERVE_MAX_PROMPT_LOGPROBS")]
+    pub max_prompt_logprobs: usize,
+    /// Most stop strings per request.
+    #[arg(long, default_value_t = 128, env = "GYM_SERVE_MAX_STOP_STRINGS")]
+    pub max_stop_strings: usize,
+    /// Longest stop string, in bytes.
+    #[arg(long, default_value_t = 1024, env = "GYM_SERVE_MAX_STOP_STRING_BYTES")]
+    pub max_stop_string_bytes: usize,
+    /// Largest non-streamed response body, in bytes (streams are sent chunk
+    /// by chunk and are not bounded by it).
+    #[arg(long, default_value_t = 256 << 20, env = "GYM_SERVE_MAX_RESPONSE_BYTES")]
+    pub max_response_bytes: usize,
+    /// Host memory that requests' token, log-prob and response buffers may
+    /// hold at once, in bytes; a request waits for its share (default: the
+    /// KV pool's size, at least 1 GiB).
+    #[arg(long, env = "GYM_SERVE_MAX_MEMORY")]
+    pub max_memory: Option<usize>,
+    /// Seconds a connection may take to send a request's headers (also how
+    /// long an idle keep-alive connection stays open).
+    #[arg(long, default_value_t = 30.0, env = "GYM_SERVE_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: f64,
+    /// Seconds a request body may go without sending a byte.
+    #[arg(long, default_value_t = 30.0, env = "GYM_SERVE_BODY_IDLE_TIMEOUT")]
+    pub body_idle_timeout: f64,
+    /// Seconds a JSON request body may take in all.
+    #[arg(long, default_value_t = 120.0, env = "GYM_SERVE_BODY_TIMEOUT")]
+    pub body_timeout: f64,
+    /// Seconds a `POST /v1/weights` body may take in all.
+    #[arg(long, default_value_t = 1800.0, env = "GYM_SERVE_WEIGHTS_BODY_TIMEOUT")]
+    pub weights_body_timeout: f64,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT; then
+    /// running generations are aborted (streams get their final chunk and
+    /// `[DONE]`) and, a second later, remaining connections are cut.
+    #[arg(long, default_value_t = 10.0, env = "GYM_SERVE_SHUTDOWN_GRACE")]
+    pub shutdown_grace: f64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

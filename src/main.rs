@@ -47,7 +47,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(gym_serve::server::serve(args))
+    let result = runtime.block_on(gym_serve::server::serve(args));
+    // Blocking work still running (a weight staging, a response being
+    // serialized) must not hold the exit past the shutdown grace.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 fn run_make_model(a: MakeModelArgs) -> anyhow::Result<()> {

@@ -1,17 +1,31 @@
 //! `gym-serve --model PATH`: load the checkpoint, start the engine thread,
-//! serve HTTP until SIGINT/SIGTERM, then let in-flight requests finish.
+//! serve HTTP until SIGINT/SIGTERM, then let in-flight requests finish
+//! within `--shutdown-grace`.
 
+use crate::api::admission::MemoryBudget;
+use crate::api::limits::{seconds, RequestLimits};
 use crate::api::types::SamplingDefaults;
 use crate::api::{router, AppState};
 use crate::cli::ServeArgs;
-use crate::engine::{EngineHandle, EngineOptions};
+use crate::connections::{ConnectionOptions, OpenConnections};
+use crate::engine::{EngineHandle, EngineOptions, PauseMode};
 use crate::loader::{run_dtype, select_device, LoadedModel};
 use anyhow::Context;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Request memory budget when `--max-memory` is not given.
+const MIN_DEFAULT_MEMORY: usize = 1 << 30;
+
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Refuse an unsafe bind before loading anything.
+    let admin_api_key = crate::api::auth::admin_key(
+        args.api_key.as_deref(),
+        args.admin_api_key.as_deref(),
+        &args.host,
+        args.allow_open_admin,
+    )?;
     let model_dir = args
         .model
         .clone()
@@ -58,6 +72,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let engine_stats = engine.shared_stats();
     let refits = Arc::new(crate::api::weights::RefitStats::default());
+    let limits = RequestLimits::from_args(&args.limits);
+    let memory_bytes = args
+        .limits
+        .max_memory
+        .unwrap_or_else(|| engine.limits().kv_pool_bytes.max(MIN_DEFAULT_MEMORY));
+    let memory = Arc::new(MemoryBudget::new(memory_bytes));
+    let connections = Arc::new(OpenConnections::default());
+    tracing::info!(
+        max_memory = memory.total_bytes(),
+        max_response_bytes = limits.max_response_bytes,
+        max_request_bytes = limits.max_request_bytes,
+        "request limits"
+    );
     let state = Arc::new(AppState {
         engine,
         chat,
@@ -76,11 +103,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         weights: tokio::sync::Mutex::new(loaded.store),
         spare_weights: Default::default(),
         push_buffers: Default::default(),
-        admin_api_key: args.admin_api_key.clone(),
+        admin_api_key,
         max_weights_bytes,
         weights_body_idle: std::time::Duration::from_secs_f64(args.weights_body_idle_timeout),
         refits: refits.clone(),
-        metrics: crate::api::metrics::Metrics::new(engine_stats, refits),
+        metrics: crate::api::metrics::Metrics::new(
+            engine_stats,
+            refits,
+            connections.clone(),
+            memory.clone(),
+        ),
+        limits,
+        memory,
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -90,10 +124,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Scripts and tests read the bound address (with --port 0) from stdout.
     println!("gym-serve listening on http://{addr}");
     std::io::stdout().flush().ok();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server")?;
+    let options = ConnectionOptions {
+        header_read_timeout: seconds(args.limits.header_read_timeout),
+        shutdown_grace: seconds(args.limits.shutdown_grace),
+    };
+    let engine = state.engine.clone();
+    let abort_running = || async move {
+        // Ends every running generation with what it has; streams send
+        // their final chunk and `[DONE]`.
+        let _ = engine.pause(PauseMode::Abort).await;
+    };
+    crate::connections::serve(
+        listener,
+        router(state),
+        options,
+        connections,
+        shutdown_signal(),
+        abort_running,
+    )
+    .await;
     tracing::info!("shut down");
     Ok(())
 }
@@ -117,5 +166,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
+    tracing::info!("shutdown signal received; finishing in-flight requests (--shutdown-grace)");
 }

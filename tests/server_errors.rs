@@ -256,3 +256,56 @@ fn api_key_is_required_when_configured() {
     );
     assert_eq!(server.get("/health").0, 200, "health stays open for probes");
 }
+
+/// Admin endpoints are never less protected than inference ones: with only
+/// `--api-key`, they take it; with no key at all, a non-loopback bind needs
+/// `--allow-open-admin`.
+#[test]
+fn admin_endpoints_take_the_api_key_without_their_own() {
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        73,
+    ));
+    let server = Server::start(dir.path(), &["--api-key", "sekret"]);
+    let call = |method: &str, path: &str, key: Option<&str>| {
+        let url = server.url(path);
+        let mut req = match method {
+            "GET" => server.http.get(url),
+            _ => server.http.post(url).header("content-type", "application/json"),
+        };
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.body("{}").send().unwrap().status().as_u16()
+    };
+    for (method, path) in [
+        ("POST", "/pause?mode=keep"),
+        ("POST", "/resume"),
+        ("POST", "/v1/weights"),
+        ("POST", "/update_weights_from_disk"),
+        ("POST", "/reset_prefix_cache"),
+        ("GET", "/get_weight_version"),
+        ("GET", "/is_paused"),
+    ] {
+        assert_eq!(call(method, path, None), 401, "{path} without a key");
+        assert_eq!(call(method, path, Some("wrong")), 401, "{path} with a wrong key");
+    }
+    assert_eq!(call("POST", "/pause?mode=keep", Some("sekret")), 200);
+    assert_eq!(call("POST", "/resume", Some("sekret")), 200);
+    assert_eq!(call("POST", "/reset_prefix_cache", Some("sekret")), 200);
+    assert_eq!(server.get("/health").0, 200);
+
+    // No key at all on a public address: refused at start, naming the way out.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gym-serve"))
+        .arg("--model")
+        .arg(dir.path())
+        .args(["--host", "0.0.0.0", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--allow-open-admin"), "{stderr}");
+    // With the flag it serves (and warns).
+    let open = Server::start(dir.path(), &["--host", "0.0.0.0", "--allow-open-admin"]);
+    assert_eq!(open.get("/health").0, 200);
+}

@@ -284,7 +284,7 @@ fn disk_updates_read_only_bounded_regular_files() {
     let a = Server::start(x.path(), &[]);
     let fresh_y = Server::start(y.path(), &[]);
     let baseline = fingerprint(&a);
-    let rss_before = rss_mib(a.pid());
+    let rss_before = rss_mib(&a);
     let fifo = dir_with(|p| {
         let made = std::process::Command::new("mkfifo")
             .arg(p)
@@ -346,7 +346,7 @@ fn disk_updates_read_only_bounded_regular_files() {
     assert_eq!(status, 413, "{body}");
     assert!(body.len() < 1024);
     slowest = slowest.max(seconds);
-    let rss_after = rss_mib(a.pid());
+    let rss_after = rss_mib(&a);
     eprintln!(
         "slowest disk refusal {slowest:.4} s; RSS {rss_before:.1} MiB before, {rss_after:.1} MiB after"
     );

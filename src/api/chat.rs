@@ -3,19 +3,20 @@
 
 use super::error::ApiError;
 use super::generation::sse_response;
+use super::admission::{RequestShape, Reservation};
 use super::generation::{
-    chat_logprob_entry, finite_logprobs, response_id, unix_time, usage, ChoiceState, Progress,
-    Runner, TokenFormat,
+    finite_logprobs, response_id, unix_time, usage, ChatLogprobs, ChoiceState, Progress,
+    ResponseMeter, Runner, TokenFormat,
 };
 use super::json::{from_body, ApiJson};
+use super::response::{buffered_json, Finite};
 use super::tools::{checked_tools, tool_use, ToolUse};
 use super::types::{explicit_null, normalize_messages, SamplingRequest};
 use super::AppState;
 use crate::chat::parsers::{parse_output, ParsedOutput, ReasoningParser, ToolCallParser};
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde::Deserialize;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
@@ -77,8 +78,35 @@ pub async fn chat_completions(
         &req.chat_template_kwargs.clone().unwrap_or_default(),
         req.required_prefix_token_ids.as_deref(),
     )?;
-    let params = req.sampling.sampling_params(top_logprobs, state.defaults)?;
-    let options = req.sampling.run_options(&params);
+    let params = req
+        .sampling
+        .sampling_params(top_logprobs, state.defaults, &state.limits)?;
+    let stop = req.sampling.stop_matcher(&state.limits)?;
+    let streaming = req.sampling.stream.unwrap_or(false);
+    let meter = (!streaming).then(|| {
+        Arc::new(ResponseMeter::new(
+            state.limits.max_response_bytes,
+            min_token_bytes(want_logprobs, top_logprobs),
+        ))
+    });
+    if let Some(m) = &meter {
+        // Every choice repeats the prompt's IDs (at least 2 bytes each).
+        m.charge(2 * params.n * prompt.len())?;
+    }
+    let shape = RequestShape {
+        sequences: params.n,
+        prompt_tokens: prompt.len(),
+        max_tokens: params
+            .max_tokens
+            .min(state.max_model_len().saturating_sub(prompt.len())),
+        top_logprobs,
+        buffered: !streaming,
+    };
+    let reservation = state
+        .memory
+        .reserve(shape.cost(state.limits.max_response_bytes))
+        .await?;
+    let options = req.sampling.run_options(&params, stop, meter);
     let stream = state.engine.generate(prompt.clone(), params)?;
     let runner = Runner::new(state.clone(), prompt, stream, options);
     let plan = ChatPlan {
@@ -100,10 +128,20 @@ pub async fn chat_completions(
             .as_ref()
             .is_some_and(|o| o.include_usage),
     };
-    if req.sampling.stream.unwrap_or(false) {
-        Ok(stream_response(state, runner, plan))
+    if streaming {
+        Ok(stream_response(state, runner, plan, reservation))
     } else {
-        full_response(&state, runner, plan).await
+        full_response(state, runner, plan, reservation).await
+    }
+}
+
+/// The fewest bytes one generated token adds to a chat response: its ID and
+/// log-prob, and with `logprobs` its entry and each alternative's.
+fn min_token_bytes(logprobs: bool, top_logprobs: usize) -> usize {
+    if logprobs {
+        4 + 50 + 40 * top_logprobs
+    } else {
+        4
     }
 }
 
@@ -140,73 +178,116 @@ fn logprobs_json(
     if !plan.want_logprobs {
         return Value::Null;
     }
-    let content: Vec<Value> = range
-        .map(|i| {
-            chat_logprob_entry(
-                state,
-                c.token_ids[i],
-                c.logprobs[i],
-                &c.top_logprobs[i],
-                plan.format,
-            )
-        })
-        .collect();
-    json!({ "content": content })
+    serde_json::to_value(ChatLogprobs {
+        state,
+        choice: c,
+        range,
+        format: plan.format,
+    })
+    .unwrap_or(Value::Null)
+}
+
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
+    tool_calls: Vec<Value>,
+    prompt_token_ids: &'a [u32],
+    generation_token_ids: &'a [u32],
+    generation_log_probs: Finite<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: usize,
+    message: ChatMessage<'a>,
+    logprobs: Option<ChatLogprobs<'a>>,
+    finish_reason: Option<&'static str>,
+    stop_reason: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_versions: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct ChatBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChatChoice<'a>>,
+    usage: Value,
+    weight_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_token_ids: Option<&'a [u32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_versions: Option<Value>,
 }
 
 async fn full_response(
-    state: &AppState,
+    state: Arc<AppState>,
     mut runner: Runner,
     plan: ChatPlan,
+    reservation: Reservation,
 ) -> Result<Response, ApiError> {
     runner.run_to_end().await?;
-    let mut choices = Vec::new();
-    for (index, c) in runner.choices.iter().enumerate() {
-        let parsed = parse_output(&c.text, plan.reasoning, plan.tools, false);
-        let mut message = json!({
-            "role": "assistant",
-            "content": if parsed.content.is_empty() && !parsed.tool_calls.is_empty() { Value::Null } else { json!(parsed.content) },
-            "tool_calls": tool_calls_json(&parsed),
-            "prompt_token_ids": runner.prompt,
-            "generation_token_ids": c.token_ids,
-            "generation_log_probs": finite_logprobs(&c.logprobs),
-        });
-        if let Some(r) = &parsed.reasoning {
-            message["reasoning_content"] = json!(r);
-            message["reasoning"] = json!(r);
-        }
-        let mut choice = json!({
-            "index": index,
-            "message": message,
-            "logprobs": logprobs_json(state, c, 0..c.token_ids.len(), &plan),
-            "finish_reason": finish_reason(c, &parsed),
-            "stop_reason": c.stop_reason,
-        });
-        if plan.return_token_ids {
-            choice["token_ids"] = json!(c.token_ids);
-        }
-        if let Some(spans) = c.version_spans() {
-            choice["weight_versions"] = spans;
-        }
-        choices.push(choice);
-    }
-    let completion_tokens = runner.choices.iter().map(|c| c.token_ids.len()).sum();
-    let mut body = json!({
-        "id": plan.id,
-        "object": "chat.completion",
-        "created": plan.created,
-        "model": state.served_model_name,
-        "choices": choices,
-        "usage": usage(runner.prompt.len(), completion_tokens),
-        "weight_version": runner.version(),
-    });
-    if plan.return_token_ids {
-        body["prompt_token_ids"] = json!(runner.prompt);
-    }
-    if let Some(spans) = runner.version_spans() {
-        body["weight_versions"] = spans;
-    }
-    Ok(Json(body).into_response())
+    let limit = state.limits.max_response_bytes;
+    buffered_json(limit, Some(reservation), move |out| {
+        let state = &*state;
+        let parsed: Vec<ParsedOutput> = runner
+            .choices
+            .iter()
+            .map(|c| parse_output(&c.text, plan.reasoning, plan.tools, false))
+            .collect();
+        let choices = runner
+            .choices
+            .iter()
+            .zip(&parsed)
+            .enumerate()
+            .map(|(index, (c, parsed))| ChatChoice {
+                index,
+                message: ChatMessage {
+                    role: "assistant",
+                    content: (!(parsed.content.is_empty() && !parsed.tool_calls.is_empty()))
+                        .then_some(parsed.content.as_str()),
+                    tool_calls: tool_calls_json(parsed),
+                    prompt_token_ids: &runner.prompt,
+                    generation_token_ids: &c.token_ids,
+                    generation_log_probs: Finite(&c.logprobs),
+                    reasoning_content: parsed.reasoning.as_deref(),
+                    reasoning: parsed.reasoning.as_deref(),
+                },
+                logprobs: plan.want_logprobs.then(|| ChatLogprobs {
+                    state,
+                    choice: c,
+                    range: 0..c.token_ids.len(),
+                    format: plan.format,
+                }),
+                finish_reason: finish_reason(c, parsed),
+                stop_reason: &c.stop_reason,
+                token_ids: plan.return_token_ids.then_some(c.token_ids.as_slice()),
+                weight_versions: c.version_spans(),
+            })
+            .collect();
+        let completion_tokens = runner.choices.iter().map(|c| c.token_ids.len()).sum();
+        out.write(&ChatBody {
+            id: &plan.id,
+            object: "chat.completion",
+            created: plan.created,
+            model: &state.served_model_name,
+            choices,
+            usage: usage(runner.prompt.len(), completion_tokens),
+            weight_version: runner.version(),
+            prompt_token_ids: plan.return_token_ids.then_some(runner.prompt.as_slice()),
+            weight_versions: runner.version_spans(),
+        })
+    })
+    .await
 }
 
 /// What a stream has already sent of one choice's parsed text.
@@ -287,9 +368,16 @@ fn progress_chunk(
     chunk(plan, state, &runner.version(), vec![choice])
 }
 
-fn stream_response(state: Arc<AppState>, mut runner: Runner, plan: ChatPlan) -> Response {
+fn stream_response(
+    state: Arc<AppState>,
+    mut runner: Runner,
+    plan: ChatPlan,
+    reservation: Reservation,
+) -> Response {
     let (sse, response) = sse_response();
     tokio::spawn(async move {
+        // Held until the stream ends.
+        let _reservation = reservation;
         let send = |v: Value| sse.send(v);
         let n = runner.choices.len();
         let first: Vec<Value> = (0..n)
@@ -303,6 +391,7 @@ fn stream_response(state: Arc<AppState>, mut runner: Runner, plan: ChatPlan) -> 
             match runner.next().await {
                 Ok(Some(p)) => {
                     let body = progress_chunk(&state, &runner, &plan, &p, &mut sent[p.choice]);
+                    runner.choices[p.choice].forget_alternatives(p.new_tokens.clone());
                     // A closed channel means the client left: dropping the
                     // runner cancels its sequences in the engine.
                     if !send(body).await {

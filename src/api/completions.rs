@@ -1,21 +1,24 @@
 //! `POST /v1/completions`: prompts as text, token IDs, or a batch of either;
 //! `echo`, legacy `logprobs`, `prompt_logprobs`, streaming.
 
+use super::admission::{RequestShape, Reservation};
 use super::error::ApiError;
 use super::generation::sse_response;
 use super::generation::{
-    finite, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState, Runner,
-    TokenFormat,
+    finite_f64, finite_logprobs, response_id, token_name, unix_time, usage, ChoiceState,
+    ResponseMeter, Runner, TokenFormat,
 };
 use super::json::{from_body, ApiJson};
+use super::limits::RequestLimits;
+use super::response::{buffered_json, Finite, SeqWith};
 use super::types::SamplingRequest;
 use super::AppState;
 use crate::engine::{DistributionParams, LogprobsMode, ScoreOutput};
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use axum::response::Response;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 #[derive(Debug, Deserialize)]
@@ -57,7 +60,16 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let mut req: CompletionRequest = from_body(&body)?;
     req.sampling = from_body(&body)?;
+    drop(body);
     state.check_model(req.sampling.model.as_deref())?;
+    let limits = &state.limits;
+    let count = match &req.prompt {
+        PromptField::Text(_) | PromptField::Tokens(_) => 1,
+        PromptField::Texts(ts) => ts.len(),
+        PromptField::TokenLists(ls) => ls.len(),
+    };
+    // Before tokenizing anything: a request's size is bounded up front.
+    limits.check_sequences(count, req.sampling.n.unwrap_or(1))?;
     let tokenizer = &state.chat.tokenizer;
     let prompts: Vec<Vec<u32>> = match req.prompt {
         PromptField::Text(t) => vec![tokenizer.encode(&t, true)?],
@@ -75,8 +87,19 @@ pub async fn completions(
         ));
     }
     let top = req.logprobs.unwrap_or(0);
-    let params = req.sampling.sampling_params(top, state.defaults)?;
-    let plan = Plan {
+    limits.check_top_logprobs("logprobs", top)?;
+    if let Some(k) = req.prompt_logprobs {
+        RequestLimits::check(
+            "prompt_logprobs",
+            k,
+            limits.max_prompt_logprobs,
+            "--max-prompt-logprobs",
+        )?;
+    }
+    let params = req.sampling.sampling_params(top, state.defaults, limits)?;
+    let stop = req.sampling.stop_matcher(limits)?;
+    let streaming = req.sampling.stream.unwrap_or(false);
+    let plan = Arc::new(Plan {
         id: response_id("cmpl"),
         created: unix_time(),
         logprobs: req.logprobs,
@@ -86,17 +109,53 @@ pub async fn completions(
         },
         return_token_ids: req.sampling.return_token_ids.unwrap_or(false),
         n: params.n,
+    });
+    let wants_prompt_scores =
+        req.prompt_logprobs.is_some() || (plan.echo && plan.logprobs.is_some());
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let meter = (!streaming).then(|| {
+        let per_token = if plan.logprobs.is_some() {
+            4 + 30 + 25 * top
+        } else {
+            4
+        };
+        Arc::new(ResponseMeter::new(limits.max_response_bytes, per_token))
+    });
+    if let Some(m) = &meter {
+        // Known before generating: every choice repeats its prompt's IDs,
+        // and scored prompts add an entry per token and alternative.
+        let k = req.prompt_logprobs.unwrap_or(0).max(top);
+        let scored = if wants_prompt_scores {
+            prompt_tokens * (20 + 20 * k)
+        } else {
+            0
+        };
+        m.charge(2 * params.n * prompt_tokens + scored)?;
+    }
+    let shape = RequestShape {
+        sequences: prompts.len() * params.n,
+        prompt_tokens: longest,
+        max_tokens: params
+            .max_tokens
+            .min(state.max_model_len().saturating_sub(longest)),
+        top_logprobs: top,
+        buffered: !streaming,
     };
+    let reservation = state
+        .memory
+        .reserve(shape.cost(limits.max_response_bytes))
+        .await?;
     // Submit every prompt before waiting on any, so they run in the same steps.
     let mut runners = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let options = req.sampling.run_options(&params);
+        let options = req
+            .sampling
+            .run_options(&params, stop.clone(), meter.clone());
         let stream = state.engine.generate(prompt.clone(), params.clone())?;
         runners.push(Runner::new(state.clone(), prompt, stream, options));
     }
     let mut prompt_scores = Vec::new();
-    let wants_prompt_scores =
-        req.prompt_logprobs.is_some() || (plan.echo && plan.logprobs.is_some());
     if wants_prompt_scores {
         let k = req
             .prompt_logprobs
@@ -106,49 +165,92 @@ pub async fn completions(
             prompt_scores.push(score_prompt(&state, &r.prompt, k).await?);
         }
     }
-    if req.sampling.stream.unwrap_or(false) {
+    if streaming {
         let include_usage = req
             .sampling
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
-        return Ok(stream_response(state, runners, plan, include_usage));
+        return Ok(stream_response(
+            state,
+            runners,
+            plan,
+            include_usage,
+            reservation,
+        ));
     }
-    let mut choices = Vec::new();
-    let mut completion_tokens = 0;
-    let mut prompt_tokens = 0;
-    let mut version = None;
-    let mut spans = None;
-    for (p, mut runner) in runners.into_iter().enumerate() {
+    for runner in &mut runners {
         runner.run_to_end().await?;
-        prompt_tokens += runner.prompt.len();
-        version.get_or_insert_with(|| runner.version());
-        if spans.is_none() {
-            spans = runner.version_spans();
-        }
-        for (j, c) in runner.choices.iter().enumerate() {
-            completion_tokens += c.token_ids.len();
-            let scores = prompt_scores.get(p);
-            let mut choice = choice_json(&state, &runner, c, p * plan.n + j, &plan, scores);
-            if let (Some(k), Some(s)) = (req.prompt_logprobs, scores) {
-                choice["prompt_logprobs"] = prompt_logprobs_json(&state, &runner.prompt, s, k);
+    }
+    let prompt_logprobs = req.prompt_logprobs;
+    buffered_json(
+        state.limits.max_response_bytes,
+        Some(reservation),
+        move |out| {
+            let state = &*state;
+            let mut choices = Vec::new();
+            let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+            for (p, runner) in runners.iter().enumerate() {
+                prompt_tokens += runner.prompt.len();
+                let scores = prompt_scores.get(p);
+                for (j, c) in runner.choices.iter().enumerate() {
+                    completion_tokens += c.token_ids.len();
+                    choices.push(choice_body(
+                        state,
+                        runner,
+                        c,
+                        p * plan.n + j,
+                        &plan,
+                        scores,
+                        prompt_logprobs,
+                    ));
+                }
             }
-            choices.push(choice);
-        }
-    }
-    let mut body = json!({
-        "id": plan.id,
-        "object": "text_completion",
-        "created": plan.created,
-        "model": state.served_model_name,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
-        "weight_version": version.unwrap_or_default(),
-    });
-    if let Some(spans) = spans {
-        body["weight_versions"] = spans;
-    }
-    Ok(Json(body).into_response())
+            let first = runners.first();
+            out.write(&CompletionBody {
+                id: &plan.id,
+                object: "text_completion",
+                created: plan.created,
+                model: &state.served_model_name,
+                choices,
+                usage: usage(prompt_tokens, completion_tokens),
+                weight_version: first.map(Runner::version).unwrap_or_default(),
+                weight_versions: runners.iter().find_map(Runner::version_spans),
+            })
+        },
+    )
+    .await
+}
+
+#[derive(Serialize)]
+struct CompletionBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<CompletionChoice<'a>>,
+    usage: Value,
+    weight_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_versions: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: usize,
+    text: String,
+    logprobs: Option<LegacyLogprobs<'a>>,
+    finish_reason: Option<&'static str>,
+    stop_reason: &'a Value,
+    prompt_token_ids: &'a [u32],
+    generation_token_ids: &'a [u32],
+    generation_log_probs: Finite<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_versions: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_logprobs: Option<PromptLogprobs<'a>>,
 }
 
 async fn score_prompt(
@@ -172,89 +274,204 @@ async fn score_prompt(
 
 /// vLLM's shape: `null` for the first token, then `{id: {logprob, rank, decoded_token}}`
 /// holding the prompt token and the `k` best alternatives.
-fn prompt_logprobs_json(state: &AppState, prompt: &[u32], scores: &ScoreOutput, k: usize) -> Value {
-    let mut out = vec![Value::Null];
-    for (i, &tok) in prompt.iter().enumerate().skip(1) {
-        let mut entry = Map::new();
-        let lp = scores
-            .token_logprobs
-            .get(i - 1)
-            .copied()
-            .unwrap_or(f32::NEG_INFINITY);
-        let top = scores.top_logprobs.get(i - 1).cloned().unwrap_or_default();
-        let rank = top.iter().position(|(t, _)| *t == tok).map(|r| r + 1);
-        let decoded = |t: u32| state.chat.tokenizer.decode(&[t], false).unwrap_or_default();
-        entry.insert(
-            tok.to_string(),
-            json!({"logprob": finite(lp), "rank": rank, "decoded_token": decoded(tok)}),
-        );
-        for (r, (t, l)) in top.iter().take(k).enumerate() {
-            entry.entry(t.to_string()).or_insert_with(
-                || json!({"logprob": finite(*l), "rank": r + 1, "decoded_token": decoded(*t)}),
-            );
+struct PromptLogprobs<'a> {
+    state: &'a AppState,
+    prompt: &'a [u32],
+    scores: &'a ScoreOutput,
+    k: usize,
+}
+
+/// One `{logprob, rank, decoded_token}` of `prompt_logprobs`.
+#[derive(Serialize)]
+struct PromptEntry {
+    logprob: f64,
+    rank: Option<usize>,
+    decoded_token: String,
+}
+
+/// The entries of one prompt position, keyed by token ID.
+struct PromptPosition<'a> {
+    state: &'a AppState,
+    token: u32,
+    logprob: f32,
+    top: &'a [(u32, f32)],
+    k: usize,
+}
+
+impl Serialize for PromptPosition<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let decoded = |t: u32| {
+            self.state
+                .chat
+                .tokenizer
+                .decode(&[t], false)
+                .unwrap_or_default()
+        };
+        let mut m = s.serialize_map(None)?;
+        let rank = self
+            .top
+            .iter()
+            .position(|(t, _)| *t == self.token)
+            .map(|r| r + 1);
+        m.serialize_entry(
+            &self.token.to_string(),
+            &PromptEntry {
+                logprob: finite_f64(self.logprob),
+                rank,
+                decoded_token: decoded(self.token),
+            },
+        )?;
+        // The prompt token comes first; an alternative equal to it is not repeated.
+        for (r, &(t, l)) in self.top.iter().take(self.k).enumerate() {
+            if t != self.token {
+                let entry = PromptEntry {
+                    logprob: finite_f64(l),
+                    rank: Some(r + 1),
+                    decoded_token: decoded(t),
+                };
+                m.serialize_entry(&t.to_string(), &entry)?;
+            }
         }
-        out.push(Value::Object(entry));
+        m.end()
     }
-    Value::Array(out)
+}
+
+impl Serialize for PromptLogprobs<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let positions = self.prompt.iter().enumerate().map(|(i, &token)| {
+            (i > 0).then(|| PromptPosition {
+                state: self.state,
+                token,
+                logprob: self
+                    .scores
+                    .token_logprobs
+                    .get(i - 1)
+                    .copied()
+                    .unwrap_or(f32::NEG_INFINITY),
+                top: self
+                    .scores
+                    .top_logprobs
+                    .get(i - 1)
+                    .map_or(&[][..], Vec::as_slice),
+                k: self.k,
+            })
+        });
+        s.collect_seq(positions)
+    }
 }
 
 /// Legacy completions `logprobs` for `range` of a choice's tokens; with echo,
 /// the prompt's tokens come first (the very first has no log-prob).
-fn legacy_logprobs(
-    state: &AppState,
-    c: &ChoiceState,
+struct LegacyLogprobs<'a> {
+    state: &'a AppState,
+    choice: &'a ChoiceState,
     range: std::ops::Range<usize>,
-    plan: &Plan,
-    prompt: Option<(&[u32], &ScoreOutput)>,
-) -> Value {
-    let Some(k) = plan.logprobs else {
-        return Value::Null;
-    };
-    let mut tokens = Vec::new();
-    let mut token_logprobs = Vec::new();
-    let mut top_logprobs = Vec::new();
-    let top_map = |top: &[(u32, f32)]| -> Value {
-        let m: Map<String, Value> = top
-            .iter()
-            .take(k)
-            .map(|&(t, l)| (token_name(state, t, plan.format), json!(finite(l))))
-            .collect();
-        Value::Object(m)
-    };
-    if let Some((ids, scores)) = prompt {
-        for (i, &t) in ids.iter().enumerate() {
-            tokens.push(token_name(state, t, plan.format));
-            if i == 0 {
-                token_logprobs.push(Value::Null);
-                top_logprobs.push(Value::Null);
-            } else {
-                token_logprobs.push(json!(finite(scores.token_logprobs[i - 1])));
-                top_logprobs.push(top_map(&scores.top_logprobs[i - 1]));
-            }
-        }
-    }
-    for i in range {
-        tokens.push(token_name(state, c.token_ids[i], plan.format));
-        token_logprobs.push(json!(finite(c.logprobs[i])));
-        top_logprobs.push(top_map(&c.top_logprobs[i]));
-    }
-    let mut offsets = Vec::with_capacity(tokens.len());
-    let mut at = 0usize;
-    for t in &tokens {
-        offsets.push(at);
-        at += t.len();
-    }
-    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets})
+    k: usize,
+    format: TokenFormat,
+    prompt: Option<(&'a [u32], &'a ScoreOutput)>,
 }
 
-fn choice_json(
-    state: &AppState,
-    runner: &Runner,
-    c: &ChoiceState,
+/// `{name: logprob}` of a token's alternatives; a name two IDs share keeps
+/// its first place and its last value (as a JSON object built by insertion).
+struct AlternativeMap(Vec<(String, f64)>);
+
+impl Serialize for AlternativeMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl LegacyLogprobs<'_> {
+    fn alternatives(&self, top: &[(u32, f32)]) -> AlternativeMap {
+        let mut out: Vec<(String, f64)> = Vec::with_capacity(self.k.min(top.len()));
+        for &(t, l) in top.iter().take(self.k) {
+            let name = token_name(self.state, t, self.format);
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = finite_f64(l),
+                None => out.push((name, finite_f64(l))),
+            }
+        }
+        AlternativeMap(out)
+    }
+
+    /// (token ID, log-prob, alternatives) of every reported position; the
+    /// echoed prompt's first token has neither.
+    fn positions(&self) -> impl Iterator<Item = (u32, Option<(f32, &[(u32, f32)])>)> + Clone {
+        let prompt = self.prompt.into_iter().flat_map(|(ids, scores)| {
+            ids.iter().enumerate().map(move |(i, &t)| {
+                let scored = (i > 0).then(|| {
+                    let top = scores.top_logprobs.get(i - 1).map_or(&[][..], Vec::as_slice);
+                    (scores.token_logprobs[i - 1], top)
+                });
+                (t, scored)
+            })
+        });
+        let c = self.choice;
+        let generated = self.range.clone().map(move |i| {
+            let top: &[(u32, f32)] = &c.top_logprobs[i];
+            (c.token_ids[i], Some((c.logprobs[i], top)))
+        });
+        prompt.chain(generated)
+    }
+}
+
+impl Serialize for LegacyLogprobs<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let names: Vec<String> = self
+            .positions()
+            .map(|(t, _)| token_name(self.state, t, self.format))
+            .collect();
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("tokens", &names)?;
+        let positions = self.positions();
+        m.serialize_entry(
+            "token_logprobs",
+            &SeqWith(|| positions.clone().map(|(_, p)| p.map(|(l, _)| finite_f64(l)))),
+        )?;
+        m.serialize_entry(
+            "top_logprobs",
+            &SeqWith(|| {
+                positions
+                    .clone()
+                    .map(|(_, p)| p.map(|(_, top)| self.alternatives(top)))
+            }),
+        )?;
+        let offsets = names.iter().scan(0usize, |at, t| {
+            let here = *at;
+            *at += t.len();
+            Some(here)
+        });
+        m.serialize_entry("text_offset", &SeqWith(|| offsets.clone()))?;
+        m.end()
+    }
+}
+
+fn legacy_logprobs<'a>(
+    state: &'a AppState,
+    c: &'a ChoiceState,
+    range: std::ops::Range<usize>,
+    plan: &Plan,
+    prompt: Option<(&'a [u32], &'a ScoreOutput)>,
+) -> Option<LegacyLogprobs<'a>> {
+    plan.logprobs.map(|k| LegacyLogprobs {
+        state,
+        choice: c,
+        range,
+        k,
+        format: plan.format,
+        prompt,
+    })
+}
+
+fn choice_body<'a>(
+    state: &'a AppState,
+    runner: &'a Runner,
+    c: &'a ChoiceState,
     index: usize,
     plan: &Plan,
-    scores: Option<&ScoreOutput>,
-) -> Value {
+    scores: Option<&'a ScoreOutput>,
+    prompt_logprobs: Option<usize>,
+) -> CompletionChoice<'a> {
     let mut text = String::new();
     if plan.echo {
         text = state
@@ -267,33 +484,37 @@ fn choice_json(
     let echo_scores = scores
         .filter(|_| plan.echo)
         .map(|s| (runner.prompt.as_slice(), s));
-    let mut choice = json!({
-        "index": index,
-        "text": text,
-        "logprobs": legacy_logprobs(state, c, 0..c.token_ids.len(), plan, echo_scores),
-        "finish_reason": c.finish_reason,
-        "stop_reason": c.stop_reason,
-        "prompt_token_ids": runner.prompt,
-        "generation_token_ids": c.token_ids,
-        "generation_log_probs": finite_logprobs(&c.logprobs),
-    });
-    if plan.return_token_ids {
-        choice["token_ids"] = json!(c.token_ids);
+    CompletionChoice {
+        index,
+        text,
+        logprobs: legacy_logprobs(state, c, 0..c.token_ids.len(), plan, echo_scores),
+        finish_reason: c.finish_reason,
+        stop_reason: &c.stop_reason,
+        prompt_token_ids: &runner.prompt,
+        generation_token_ids: &c.token_ids,
+        generation_log_probs: Finite(&c.logprobs),
+        token_ids: plan.return_token_ids.then_some(c.token_ids.as_slice()),
+        weight_versions: c.version_spans(),
+        prompt_logprobs: prompt_logprobs.zip(scores).map(|(k, scores)| PromptLogprobs {
+            state,
+            prompt: &runner.prompt,
+            scores,
+            k,
+        }),
     }
-    if let Some(spans) = c.version_spans() {
-        choice["weight_versions"] = spans;
-    }
-    choice
 }
 
 fn stream_response(
     state: Arc<AppState>,
     runners: Vec<Runner>,
-    plan: Plan,
+    plan: Arc<Plan>,
     include_usage: bool,
+    reservation: Reservation,
 ) -> Response {
     let (sse, response) = sse_response();
     tokio::spawn(async move {
+        // Held until the stream ends.
+        let _reservation = reservation;
         let send = |v: Value| sse.send(v);
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
@@ -322,7 +543,7 @@ fn stream_response(
                 let mut choice = json!({
                     "index": p * plan.n + progress.choice,
                     "text": delta,
-                    "logprobs": legacy_logprobs(&state, c, progress.new_tokens.clone(), &plan, None),
+                    "logprobs": serde_json::to_value(legacy_logprobs(&state, c, progress.new_tokens.clone(), &plan, None)).unwrap_or(Value::Null),
                     "finish_reason": c.finish_reason.filter(|_| progress.finished),
                 });
                 if plan.return_token_ids {
@@ -339,6 +560,7 @@ fn stream_response(
                     "id": plan.id, "object": "text_completion", "created": plan.created,
                     "model": state.served_model_name, "choices": [choice], "weight_version": runner.version(),
                 });
+                runner.choices[progress.choice].forget_alternatives(progress.new_tokens.clone());
                 if !send(body).await {
                     return;
                 }

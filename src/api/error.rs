@@ -27,12 +27,22 @@ pub enum ApiError {
     Weights(#[from] crate::weights::WeightsError),
     #[error("the body is larger than --max-weights-bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
-    #[error("the request body is over {limit} bytes ({what})")]
-    BodyTooLarge { limit: usize, what: &'static str },
-    #[error(
-        "the body sent nothing for {seconds} s (--weights-body-idle-timeout); the upload was cut"
-    )]
-    BodyIdle { seconds: f64 },
+    /// A body over its endpoint's bound (`flag`), refused before it is read
+    /// when its `Content-Length` says so.
+    #[error("the body is larger than {flag} ({limit} bytes)")]
+    BodyTooLarge { limit: usize, flag: &'static str },
+    #[error("`{param}` is {value}, over this server's limit of {limit} ({flag})")]
+    LimitExceeded {
+        param: &'static str,
+        value: usize,
+        limit: usize,
+        flag: &'static str,
+    },
+    #[error("the response would be larger than --max-response-bytes ({limit} bytes): ask for fewer choices, tokens or log-probs, or stream it (`stream: true`)")]
+    ResponseTooLarge { limit: usize },
+    /// The request body stalled or took too long (`flag` names the bound).
+    #[error("the request body took too long ({flag})")]
+    BodyTimeout { flag: &'static str },
     #[error("{0}")]
     Internal(String),
 }
@@ -63,7 +73,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::BodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::LimitExceeded { .. } | ApiError::ResponseTooLarge { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +85,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { param, .. } => param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::LimitExceeded { param, .. } => Some(param),
             ApiError::Engine(EngineError::InvalidParam(p)) => Some(p.param),
             ApiError::Engine(EngineError::InvalidStart { .. }) => Some("start"),
             ApiError::Chat(ChatError::Template(_)) | ApiError::Chat(ChatError::Splice(_)) => {
@@ -87,7 +101,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
-            StatusCode::REQUEST_TIMEOUT => "TimeoutError",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
             s if s.is_server_error() => "InternalServerError",
             _ => "BadRequestError",
         }

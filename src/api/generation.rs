@@ -3,11 +3,18 @@
 //! strings, and formatting the per-token `logprobs` entries.
 
 use super::error::ApiError;
+use super::stop::StopMatcher;
 use super::AppState;
 use crate::engine::{EngineError, EngineEvent, FinishReason, GenerationStream};
 use serde_json::{json, Value};
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Tokens a choice may go without forming complete UTF-8 before its text
+/// is taken as it is (a character spans at most 4 byte tokens; a model
+/// emitting invalid bytes must not make every later decode longer).
+const MAX_PENDING_TOKENS: usize = 8;
 
 /// vLLM's stand-in for a log-prob JSON cannot carry (-inf).
 const NEG_INF_LOGPROB: f32 = -9999.0;
@@ -18,6 +25,13 @@ pub fn finite(lp: f32) -> f32 {
     } else {
         NEG_INF_LOGPROB
     }
+}
+
+/// A log-prob as the JSON number clients have always read: the f32's exact
+/// value as an f64 (`-7.066963195800781`, not the shortest f32 `-7.066963`,
+/// which a Python float reads as a different number).
+pub fn finite_f64(lp: f32) -> f64 {
+    f64::from(finite(lp))
 }
 
 #[derive(Debug, Default, Clone)]
@@ -32,6 +46,12 @@ pub struct ChoiceState {
     pub stop_reason: Value,
     /// Weight version of each run of tokens: (version, start, end), end exclusive.
     pub versions: Vec<(Arc<str>, usize, usize)>,
+    /// Incremental detokenization: `token_ids[prefix_offset..read_offset]`
+    /// were the last tokens turned into text; they are decoded again in
+    /// front of the new ones for context (leading-space rules), and only
+    /// what the new ones add is appended.
+    prefix_offset: usize,
+    read_offset: usize,
 }
 
 fn spans_json(spans: &[(Arc<str>, usize, usize)]) -> Value {
@@ -56,10 +76,47 @@ pub struct Progress {
 }
 
 pub struct RunOptions {
-    pub stop: Vec<String>,
+    pub stop: Option<Arc<StopMatcher>>,
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
     pub stop_token_ids: Vec<u32>,
+    /// Bounds a buffered response while it is generated (`None` for streams).
+    pub meter: Option<Arc<ResponseMeter>>,
+}
+
+/// Counts, as tokens arrive, a lower bound of the bytes a buffered response
+/// will take, shared by every prompt of a request; past
+/// `--max-response-bytes` the request is cut at once instead of finishing
+/// generation and then failing (or building a body of gigabytes).
+#[derive(Debug)]
+pub struct ResponseMeter {
+    used: AtomicUsize,
+    limit: usize,
+    per_token: usize,
+}
+
+impl ResponseMeter {
+    /// `per_token`: the fewest bytes one generated token adds to the body.
+    pub fn new(limit: usize, per_token: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            limit,
+            per_token,
+        }
+    }
+
+    /// Adds `bytes`; an error once the total is over the limit.
+    pub fn charge(&self, bytes: usize) -> Result<(), ApiError> {
+        let used = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if used > self.limit {
+            return Err(ApiError::ResponseTooLarge { limit: self.limit });
+        }
+        Ok(())
+    }
+
+    fn token(&self) -> Result<(), ApiError> {
+        self.charge(self.per_token)
+    }
 }
 
 pub struct Runner {
@@ -147,6 +204,10 @@ impl Runner {
                 c.token_ids.push(event.token);
                 c.logprobs.push(event.logprob);
                 c.top_logprobs.push(event.top_logprobs);
+                if let Some(meter) = &self.options.meter {
+                    // Dropping the runner with the error cancels its sequences.
+                    meter.token()?;
+                }
                 if let Some(f) = event.finish {
                     c.finish_reason = Some(f.as_str());
                     if f == FinishReason::Stop && self.options.stop_token_ids.contains(&event.token)
@@ -165,33 +226,53 @@ impl Runner {
         Ok(None)
     }
 
+    /// Appends what the choice's newest tokens add to its text, then looks
+    /// for a stop string in the part of the text they could have completed:
+    /// both in time independent of the text's length (decoding the whole
+    /// text and scanning it for every stop string after every token made a
+    /// long response quadratic).
     fn update_text(&mut self, i: usize) -> Result<(), ApiError> {
+        let tokenizer = &self.state.chat.tokenizer;
+        let skip = self.options.skip_special_tokens;
         let c = &mut self.choices[i];
-        let text = self
-            .state
-            .chat
-            .tokenizer
-            .decode(&c.token_ids, self.options.skip_special_tokens)?;
+        let finished = c.finish_reason.is_some();
+        let searched = c.text.len();
+        let context = tokenizer.decode(&c.token_ids[c.prefix_offset..c.read_offset], skip)?;
+        let window = tokenizer.decode(&c.token_ids[c.prefix_offset..], skip)?;
+        let pending = c.token_ids.len() - c.read_offset;
         // A token may end inside a UTF-8 character: wait for the rest.
-        if text.ends_with('\u{FFFD}') && c.finish_reason.is_none() {
+        if window.ends_with('\u{FFFD}') && !finished && pending < MAX_PENDING_TOKENS {
             return Ok(());
         }
-        c.text = text;
-        let hit = self
-            .options
-            .stop
-            .iter()
-            .filter_map(|s| c.text.find(s.as_str()).map(|at| (at, s)))
-            .min_by_key(|(at, _)| *at);
-        if let Some((at, stop)) = hit {
+        match window.strip_prefix(context.as_str()) {
+            Some(added) => c.text.push_str(added),
+            None => c.text = tokenizer.decode(&c.token_ids, skip)?,
+        }
+        c.prefix_offset = c.read_offset;
+        c.read_offset = c.token_ids.len();
+        let mut from = searched;
+        if finished {
+            // The final text is the whole decode, exactly as a one-shot
+            // decode gives it; it is searched once more in full.
+            let whole = tokenizer.decode(&c.token_ids, skip)?;
+            if whole != c.text {
+                c.text = whole;
+                from = 0;
+            }
+        }
+        let Some(stop) = &self.options.stop else {
+            return Ok(());
+        };
+        if let Some(hit) = stop.find_new(&c.text, from.min(c.text.len())) {
+            let s = stop.stop(hit.index);
             let end = if self.options.include_stop_str_in_output {
-                at + stop.len()
+                hit.at + s.len()
             } else {
-                at
+                hit.at
             };
             c.text.truncate(end);
             c.finish_reason = Some("stop");
-            c.stop_reason = json!(stop);
+            c.stop_reason = json!(s);
             self.stream.cancel_choice(i);
         }
         Ok(())
@@ -240,30 +321,62 @@ pub fn token_name(state: &AppState, id: u32, format: TokenFormat) -> String {
     }
 }
 
-/// One OpenAI chat `logprobs.content` entry.
-pub fn chat_logprob_entry(
-    state: &AppState,
-    id: u32,
-    lp: f32,
-    top: &[(u32, f32)],
-    format: TokenFormat,
-) -> Value {
-    let alt: Vec<Value> = top
-        .iter()
-        .map(|&(t, l)| {
-            json!({
-                "token": token_name(state, t, format),
-                "logprob": finite(l),
-                "bytes": state.chat.tokenizer.token_bytes(t),
-            })
-        })
-        .collect();
-    json!({
-        "token": token_name(state, id, format),
-        "logprob": finite(lp),
-        "bytes": state.chat.tokenizer.token_bytes(id),
-        "top_logprobs": alt,
-    })
+/// One OpenAI chat `logprobs.content` entry, serialized straight from the
+/// choice's state (`top_logprobs` left out on the alternatives themselves).
+pub struct ChatLogprobEntry<'a> {
+    pub state: &'a AppState,
+    pub id: u32,
+    pub logprob: f32,
+    /// `None` for an alternative.
+    pub top: Option<&'a [(u32, f32)]>,
+    pub format: TokenFormat,
+}
+
+impl serde::Serialize for ChatLogprobEntry<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(if self.top.is_some() { 4 } else { 3 }))?;
+        m.serialize_entry("token", &token_name(self.state, self.id, self.format))?;
+        m.serialize_entry("logprob", &finite_f64(self.logprob))?;
+        m.serialize_entry("bytes", &self.state.chat.tokenizer.token_bytes(self.id))?;
+        if let Some(top) = self.top {
+            let alternatives = top.iter().map(|&(id, logprob)| ChatLogprobEntry {
+                state: self.state,
+                id,
+                logprob,
+                top: None,
+                format: self.format,
+            });
+            m.serialize_entry("top_logprobs", &super::response::SeqWith(|| alternatives.clone()))?;
+        }
+        m.end()
+    }
+}
+
+/// A choice's chat `logprobs` object (`{"content": [...]}`) for `range` of
+/// its tokens.
+pub struct ChatLogprobs<'a> {
+    pub state: &'a AppState,
+    pub choice: &'a ChoiceState,
+    pub range: Range<usize>,
+    pub format: TokenFormat,
+}
+
+impl serde::Serialize for ChatLogprobs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let c = self.choice;
+        let entries = self.range.clone().map(|i| ChatLogprobEntry {
+            state: self.state,
+            id: c.token_ids[i],
+            logprob: c.logprobs[i],
+            top: Some(&c.top_logprobs[i]),
+            format: self.format,
+        });
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry("content", &super::response::SeqWith(|| entries.clone()))?;
+        m.end()
+    }
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
@@ -276,6 +389,16 @@ pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 
 pub fn finite_logprobs(lps: &[f32]) -> Vec<f32> {
     lps.iter().copied().map(finite).collect()
+}
+
+impl ChoiceState {
+    /// Drops the per-token alternatives once a stream has sent them (only
+    /// the IDs and log-probs are needed for the final chunk).
+    pub fn forget_alternatives(&mut self, range: Range<usize>) {
+        for alt in &mut self.top_logprobs[range] {
+            *alt = Vec::new();
+        }
+    }
 }
 
 /// A random response ID with the given prefix (`chatcmpl`, `cmpl`).

@@ -2,8 +2,10 @@
 //! time to first token and inter-token latency are recorded as they happen;
 //! the engine's and the refits' counters are read at scrape time.
 
+use super::admission::MemoryBudget;
 use super::weights::RefitStats;
 use super::AppState;
+use crate::connections::OpenConnections;
 use crate::engine::EngineStats;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
@@ -34,6 +36,8 @@ pub struct Metrics {
 struct ScrapeTime {
     engine: Arc<EngineStats>,
     refits: Arc<RefitStats>,
+    connections: Arc<OpenConnections>,
+    memory: Arc<MemoryBudget>,
 }
 
 fn gauge<N>(
@@ -137,6 +141,24 @@ impl Collector for ScrapeTime {
             "Sequences preempted for KV blocks",
             s.preemptions(),
         )?;
+        gauge(
+            &mut e,
+            "gym_serve_open_connections",
+            "HTTP connections open",
+            self.connections.get() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "gym_serve_request_memory_reserved_bytes",
+            "Host memory reserved by requests in flight (of --max-memory)",
+            self.memory.reserved_bytes() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "gym_serve_request_memory_budget_bytes",
+            "Host memory requests may reserve at once (--max-memory)",
+            self.memory.total_bytes() as i64,
+        )?;
         let r = &self.refits;
         counter(
             &mut e,
@@ -177,7 +199,12 @@ impl Collector for ScrapeTime {
 }
 
 impl Metrics {
-    pub fn new(engine: Arc<EngineStats>, refits: Arc<RefitStats>) -> Self {
+    pub fn new(
+        engine: Arc<EngineStats>,
+        refits: Arc<RefitStats>,
+        connections: Arc<OpenConnections>,
+        memory: Arc<MemoryBudget>,
+    ) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
         // 1 ms to about 65 s.
@@ -198,7 +225,12 @@ impl Metrics {
             "Time between tokens of one choice",
             itl.clone(),
         );
-        registry.register_collector(Box::new(ScrapeTime { engine, refits }));
+        registry.register_collector(Box::new(ScrapeTime {
+            engine,
+            refits,
+            connections,
+            memory,
+        }));
         Self {
             registry,
             requests,

@@ -2,14 +2,20 @@
 //! Routes are grouped by capability, one file each; they validate and
 //! translate, and never touch tensors.
 
+pub mod admission;
+pub mod auth;
+pub mod body;
 pub mod chat;
 pub mod completions;
 pub mod control;
 pub mod error;
 pub mod generation;
 pub mod json;
+pub mod limits;
 pub mod metrics;
+pub mod response;
 pub mod scoring;
+pub mod stop;
 pub mod tokenize;
 pub mod tools;
 pub mod types;
@@ -18,11 +24,12 @@ pub mod weights;
 use crate::chat::parsers::{ReasoningParser, ToolCallParser};
 use crate::chat::ChatProcessor;
 use crate::engine::EngineHandle;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use body::{BodyBounds, BodyLimit};
 use error::ApiError;
 use serde_json::json;
 use std::sync::Arc;
@@ -51,7 +58,8 @@ pub struct AppState {
     pub spare_weights: std::sync::Mutex<std::collections::HashMap<String, candle_core::Tensor>>,
     /// A push's receive buffers, kept for the next push for the same reason.
     pub push_buffers: crate::weights::stream::BufferPool,
-    /// Required on weight and control endpoints when set.
+    /// Required on weight and control endpoints when set: `--admin-api-key`,
+    /// else `--api-key` (see `auth::admin_key`).
     pub admin_api_key: Option<String>,
     /// Largest accepted `POST /v1/weights` body.
     pub max_weights_bytes: usize,
@@ -60,6 +68,9 @@ pub struct AppState {
     pub weights_body_idle: std::time::Duration,
     pub refits: Arc<weights::RefitStats>,
     pub metrics: metrics::Metrics,
+    pub limits: limits::RequestLimits,
+    /// Host memory requests may reserve (`--max-memory`).
+    pub memory: Arc<admission::MemoryBudget>,
 }
 
 impl AppState {
@@ -79,6 +90,29 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let l = &state.limits;
+    let json_bounds = |bytes: usize, flag: &'static str| BodyBounds {
+        limit: BodyLimit { bytes, flag },
+        precheck: true,
+        idle: l.body_idle_timeout,
+        total: l.body_timeout,
+        total_flag: "--body-timeout",
+    };
+    let inference = json_bounds(l.max_request_bytes, "--max-request-bytes");
+    let control = json_bounds(l.max_control_bytes, "--max-control-bytes");
+    let weight_push = BodyBounds {
+        limit: BodyLimit {
+            bytes: state.max_weights_bytes,
+            flag: "--max-weights-bytes",
+        },
+        // The push handler answers an oversized body itself, after
+        // draining some of it so the client sees the refusal.
+        precheck: false,
+        idle: l.body_idle_timeout,
+        total: l.weights_body_timeout,
+        total_flag: "--weights-body-timeout",
+    };
+    // Layers added later run first: the key is checked before the body.
     let protected = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat::chat_completions))
@@ -86,73 +120,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/logprobs", post(scoring::logprobs))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
+        .route_layer(from_fn_with_state(inference, body::bound))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_api_key));
     let admin = Router::new()
-        .route("/v1/weights", post(weights::push_weights))
         .route("/update_weights_from_disk", post(weights::update_from_disk))
         .route("/get_weight_version", get(weights::get_weight_version))
         .route("/pause", post(control::pause))
         .route("/resume", post(control::resume))
         .route("/is_paused", get(control::is_paused))
         .route("/reset_prefix_cache", post(control::reset_prefix_cache))
-        // Bodies are bounded by --max-weights-bytes while streaming instead.
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_admin_key,
-        ));
+        .route_layer(from_fn_with_state(control, body::bound))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
+    let push = Router::new()
+        .route("/v1/weights", post(weights::push_weights))
+        // Bounded by --max-weights-bytes while streaming instead.
+        .layer(DefaultBodyLimit::disable())
+        .route_layer(from_fn_with_state(weight_push, body::bound))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
     Router::new()
         .route("/health", get(health))
+        .merge(push)
         .merge(admin)
         .route("/metrics", get(metrics::metrics))
         .merge(protected)
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::count_requests,
-        ))
+        .route_layer(from_fn_with_state(state.clone(), metrics::count_requests))
         .fallback(not_found)
         .with_state(state)
-}
-
-/// Passes requests carrying `Authorization: Bearer KEY` when a key is set.
-fn check_bearer(key: Option<&str>, request: &Request) -> Result<(), ApiError> {
-    let Some(key) = key else { return Ok(()) };
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-async fn require_api_key(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match check_bearer(state.api_key.as_deref(), &request) {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
-    }
-}
-
-/// Weight and control endpoints answer to `--admin-api-key` alone.
-async fn require_admin_key(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match check_bearer(state.admin_api_key.as_deref(), &request) {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn health() -> &'static str {

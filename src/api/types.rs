@@ -2,7 +2,11 @@
 //! engine [`SamplingParams`].
 
 use super::error::ApiError;
+use super::generation::{ResponseMeter, RunOptions};
+use super::limits::RequestLimits;
+use super::stop::StopMatcher;
 use crate::engine::{DistributionParams, LogprobsMode, SamplingParams};
+use std::sync::Arc;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -61,9 +65,6 @@ pub struct SamplingRequest {
     pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
-/// Most alternatives a request may ask for per token (vLLM's default limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
-
 /// Server-wide defaults a request falls back on.
 #[derive(Debug, Clone, Copy)]
 pub struct SamplingDefaults {
@@ -83,13 +84,34 @@ impl SamplingRequest {
         .collect()
     }
 
+    /// The request's stop strings, checked against the limits and compiled
+    /// once (every prompt of a request shares them).
+    pub fn stop_matcher(
+        &self,
+        limits: &RequestLimits,
+    ) -> Result<Option<Arc<StopMatcher>>, ApiError> {
+        match &self.stop {
+            // Counted as sent, empty strings included, before any copying.
+            Some(StopField::Many(all)) => limits.check_stop(all)?,
+            Some(StopField::One(one)) => limits.check_stop(std::slice::from_ref(one))?,
+            None => {}
+        }
+        Ok(StopMatcher::new(self.stop_strings()).map(Arc::new))
+    }
+
     /// How the HTTP side treats the generated text (stop strings, decoding).
-    pub fn run_options(&self, params: &SamplingParams) -> super::generation::RunOptions {
-        super::generation::RunOptions {
-            stop: self.stop_strings(),
+    pub fn run_options(
+        &self,
+        params: &SamplingParams,
+        stop: Option<Arc<StopMatcher>>,
+        meter: Option<Arc<ResponseMeter>>,
+    ) -> RunOptions {
+        RunOptions {
+            stop,
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             stop_token_ids: params.stop_token_ids.clone(),
+            meter,
         }
     }
 
@@ -99,12 +121,11 @@ impl SamplingRequest {
         &self,
         top_logprobs: usize,
         defaults: SamplingDefaults,
+        limits: &RequestLimits,
     ) -> Result<SamplingParams, ApiError> {
-        if top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(ApiError::bad_request(
-                format!("top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"),
-                Some("top_logprobs"),
-            ));
+        limits.check_top_logprobs("top_logprobs", top_logprobs)?;
+        if let Some(n) = self.n {
+            limits.check_n(n)?;
         }
         let unsupported = [
             (

@@ -632,23 +632,35 @@ impl EngineCore {
     /// pass (no cache reuse).
     pub fn score(&self, job: &ScoreJob) -> candle_core::Result<ScoreOutput> {
         let tokens = &job.token_ids;
-        let logits =
-            self.model
-                .logits_range(tokens, job.start - 1, tokens.len() - 1, self.pool.dtype())?;
-        let rows = logits.to_vec2::<f32>()?;
         let mut out = ScoreOutput {
-            token_logprobs: Vec::with_capacity(rows.len()),
-            top_logprobs: Vec::with_capacity(rows.len()),
+            token_logprobs: Vec::with_capacity(tokens.len() - job.start),
+            top_logprobs: Vec::with_capacity(tokens.len() - job.start),
             weight_version: self.weight_version.clone(),
         };
-        for (row, &t) in rows.iter().zip(&tokens[job.start..]) {
-            let (lp, top) = sampler::score(row, &job.distribution, job.mode, t, job.top_logprobs);
-            out.token_logprobs.push(lp);
-            out.top_logprobs.push(top);
-        }
+        self.model.logits_in_chunks(
+            tokens,
+            job.start - 1,
+            tokens.len() - 1,
+            self.pool.dtype(),
+            SCORE_CHUNK_ROWS,
+            |first, logits| {
+                let rows = logits.to_vec2::<f32>()?;
+                for (row, &t) in rows.iter().zip(&tokens[first + 1..]) {
+                    let (lp, top) =
+                        sampler::score(row, &job.distribution, job.mode, t, job.top_logprobs);
+                    out.token_logprobs.push(lp);
+                    out.top_logprobs.push(top);
+                }
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 }
+
+/// Positions scored per forward pass: bounds a scoring request's logits to
+/// this many rows of the vocabulary (150 MB at a 150k vocabulary).
+const SCORE_CHUNK_ROWS: usize = 256;
 
 /// Samples the next token of `seq` from its logits `row`.
 fn sample_next(seq: &mut Sequence, row: &[f32], eos: &[u32]) -> sampler::SampledToken {

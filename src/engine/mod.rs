@@ -49,6 +49,8 @@ pub struct EngineLimits {
     pub vocab_size: usize,
     pub max_model_len: usize,
     pub eos_token_ids: Vec<u32>,
+    /// Bytes of the KV pool (the default request-memory budget derives from it).
+    pub kv_pool_bytes: usize,
 }
 
 enum Command {
@@ -145,6 +147,7 @@ impl EngineHandle {
             vocab_size: model.config().vocab_size,
             max_model_len: options.max_model_len.map_or(max_len, |m| m.min(max_len)),
             eos_token_ids: eos_token_ids.clone(),
+            kv_pool_bytes: num_blocks * block_size * kv_bytes_per_token,
         });
         let config = SchedulerConfig {
             block_size,

@@ -41,8 +41,8 @@ async fn next_chunk(
     loop {
         let frame = tokio::time::timeout(idle, body.frame())
             .await
-            .map_err(|_| ApiError::BodyIdle {
-                seconds: idle.as_secs_f64(),
+            .map_err(|_| ApiError::BodyTimeout {
+                flag: "--weights-body-idle-timeout",
             })?;
         let Some(frame) = frame else { return Ok(None) };
         let frame = frame

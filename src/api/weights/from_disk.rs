@@ -42,15 +42,15 @@ async fn disk_request(
     let limit = MAX_DISK_REQUEST_BYTES;
     let too_large = || ApiError::BodyTooLarge {
         limit,
-        what: "it names a checkpoint directory",
+        flag: "the bound of a request that names a checkpoint directory",
     };
     if body::check_declared(headers, limit).is_err() {
         return Err(too_large());
     }
     let bytes = tokio::time::timeout(state.weights_body_idle, axum::body::to_bytes(body, limit))
         .await
-        .map_err(|_| ApiError::BodyIdle {
-            seconds: state.weights_body_idle.as_secs_f64(),
+        .map_err(|_| ApiError::BodyTimeout {
+            flag: "--weights-body-idle-timeout",
         })?
         .map_err(|_| too_large())?;
     serde_json::from_slice(&bytes)
