@@ -133,7 +133,11 @@ pub struct LimitArgs {
           value_parser = clap::value_parser!(u64).range(1..=256))]
     pub max_n: u64,
     /// Most sequences one request may create (prompts x n).
-    #[arg(long, default_value_t = 4096, env = "GYM_SERVE_MAX_SEQUENCES_PER_REQUEST")]
+    #[arg(
+        long,
+        default_value_t = 4096,
+        env = "GYM_SERVE_MAX_SEQUENCES_PER_REQUEST"
+    )]
     pub max_sequences_per_request: usize,
     /// Most alternatives per generated token (`top_logprobs`, legacy `logprobs`).
     #[arg(long, default_value_t = 20, env = "GYM_SERVE_MAX_TOP_LOGPROBS")]

@@ -102,7 +102,10 @@ pub async fn serve<A, F>(
             "grace period over; aborting running requests"
         );
         // Bounded too: a stuck engine must not keep the process alive.
-        if tokio::time::timeout(ABORT_WAIT, abort_running()).await.is_err() {
+        if tokio::time::timeout(ABORT_WAIT, abort_running())
+            .await
+            .is_err()
+        {
             tracing::warn!("the engine did not answer the abort in time");
         }
         if !drain(&mut connections, AFTER_ABORT).await {

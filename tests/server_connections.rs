@@ -61,7 +61,13 @@ fn slow_headers_and_stalled_bodies_are_cut() {
         "/v1/chat/completions",
         &serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     );
-    assert_eq!(v["choices"][0]["message"]["generation_token_ids"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["choices"][0]["message"]["generation_token_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 /// SIGTERM with a half-sent header, a stalled upload and a long stream in
@@ -73,13 +79,18 @@ fn shutdown_finishes_within_its_grace_period() {
     let mut server = Server::start(
         dir.path(),
         &[
-            "--shutdown-grace", "1",
-            "--header-read-timeout", "60",
-            "--body-idle-timeout", "60",
+            "--shutdown-grace",
+            "1",
+            "--header-read-timeout",
+            "60",
+            "--body-idle-timeout",
+            "60",
         ],
     );
     let mut half_header = connect(&server.base);
-    half_header.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    half_header
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let mut stalled = connect(&server.base);
     stalled
         .write_all(b"POST /v1/weights HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nabc")
@@ -128,7 +139,10 @@ fn shutdown_finishes_within_its_grace_period() {
     };
     assert!(exited.success(), "exit status {exited}");
     let rest = reader.join().unwrap();
-    assert!(rest.contains("\"finish_reason\":\"abort\""), "stream got no final chunk");
+    assert!(
+        rest.contains("\"finish_reason\":\"abort\""),
+        "stream got no final chunk"
+    );
     assert!(rest.contains("data: [DONE]"), "stream got no [DONE]");
     assert!(closed_within(&mut half_header, Duration::from_secs(1)));
     assert!(closed_within(&mut stalled, Duration::from_secs(1)));

@@ -271,7 +271,10 @@ fn admin_endpoints_take_the_api_key_without_their_own() {
         let url = server.url(path);
         let mut req = match method {
             "GET" => server.http.get(url),
-            _ => server.http.post(url).header("content-type", "application/json"),
+            _ => server
+                .http
+                .post(url)
+                .header("content-type", "application/json"),
         };
         if let Some(k) = key {
             req = req.bearer_auth(k);
@@ -288,7 +291,11 @@ fn admin_endpoints_take_the_api_key_without_their_own() {
         ("GET", "/is_paused"),
     ] {
         assert_eq!(call(method, path, None), 401, "{path} without a key");
-        assert_eq!(call(method, path, Some("wrong")), 401, "{path} with a wrong key");
+        assert_eq!(
+            call(method, path, Some("wrong")),
+            401,
+            "{path} with a wrong key"
+        );
     }
     assert_eq!(call("POST", "/pause?mode=keep", Some("sekret")), 200);
     assert_eq!(call("POST", "/resume", Some("sekret")), 200);

@@ -42,48 +42,79 @@ fn every_request_bound_is_refused_by_name() {
     let server = Server::start(
         dir.path(),
         &[
-            "--max-prompts", "4",
-            "--max-n", "4",
-            "--max-sequences-per-request", "8",
-            "--max-top-logprobs", "3",
-            "--max-prompt-logprobs", "2",
-            "--max-stop-strings", "2",
-            "--max-stop-string-bytes", "8",
-            "--max-request-bytes", "4096",
-            "--max-response-bytes", "20000",
+            "--max-prompts",
+            "4",
+            "--max-n",
+            "4",
+            "--max-sequences-per-request",
+            "8",
+            "--max-top-logprobs",
+            "3",
+            "--max-prompt-logprobs",
+            "2",
+            "--max-stop-strings",
+            "2",
+            "--max-stop-string-bytes",
+            "8",
+            "--max-request-bytes",
+            "4096",
+            "--max-response-bytes",
+            "20000",
         ],
     );
     let cmpl = "/v1/completions";
     let body = refused(
-        server.post(cmpl, &json!({"prompt": [[1], [2], [3], [4], [5]], "max_tokens": 1})),
+        server.post(
+            cmpl,
+            &json!({"prompt": [[1], [2], [3], [4], [5]], "max_tokens": 1}),
+        ),
         400,
         "--max-prompts",
     );
     assert_eq!(body["error"]["param"], "prompt");
     refused(
-        server.post(cmpl, &json!({"prompt": [[1], [2], [3]], "n": 3, "max_tokens": 1})),
+        server.post(
+            cmpl,
+            &json!({"prompt": [[1], [2], [3]], "n": 3, "max_tokens": 1}),
+        ),
         400,
         "--max-sequences-per-request",
     );
-    let body = refused(server.post("/v1/chat/completions", &chat(json!({"n": 5}))), 400, "--max-n");
+    let body = refused(
+        server.post("/v1/chat/completions", &chat(json!({"n": 5}))),
+        400,
+        "--max-n",
+    );
     assert_eq!(body["error"]["param"], "n");
     refused(
-        server.post("/v1/chat/completions", &chat(json!({"logprobs": true, "top_logprobs": 4}))),
+        server.post(
+            "/v1/chat/completions",
+            &chat(json!({"logprobs": true, "top_logprobs": 4})),
+        ),
         400,
         "--max-top-logprobs",
     );
     refused(
-        server.post(cmpl, &json!({"prompt": "hello", "max_tokens": 1, "logprobs": 4})),
+        server.post(
+            cmpl,
+            &json!({"prompt": "hello", "max_tokens": 1, "logprobs": 4}),
+        ),
         400,
         "--max-top-logprobs",
     );
     refused(
-        server.post(cmpl, &json!({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 3})),
+        server.post(
+            cmpl,
+            &json!({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 3}),
+        ),
         400,
         "--max-prompt-logprobs",
     );
     refused(
-        server.post("/v1/chat/completions", &chat(json!({"stop": ["a", "b", "c"]}))),
+        server.post(
+            "/v1/chat/completions",
+            &chat(json!({"stop": ["a", "b", "c"]})),
+        ),
         400,
         "--max-stop-strings",
     );
@@ -111,7 +142,11 @@ fn every_request_bound_is_refused_by_name() {
     // Body bounds: a chunked body past the limit, and a declared one
     // refused before it is sent (no body byte is written here).
     let big = json!({"messages": [{"role": "user", "content": "x".repeat(5000)}]});
-    refused(server.post("/v1/chat/completions", &big), 413, "--max-request-bytes");
+    refused(
+        server.post("/v1/chat/completions", &big),
+        413,
+        "--max-request-bytes",
+    );
     let started = Instant::now();
     let mut s = connect(&server.base);
     s.write_all(
@@ -126,7 +161,10 @@ fn every_request_bound_is_refused_by_name() {
     assert_eq!(status, 413);
 
     // Legal requests still work, and the engine is idle again.
-    server.ok("/v1/chat/completions", &chat(json!({"stop": ["a", "b"], "n": 4})));
+    server.ok(
+        "/v1/chat/completions",
+        &chat(json!({"stop": ["a", "b"], "n": 4})),
+    );
     wait_idle(&server, Duration::from_secs(10));
     assert_eq!(metric(&server, "gym_serve_kv_blocks_used"), 0.0);
     assert_eq!(server.get("/health").0, 200);
@@ -145,7 +183,10 @@ fn large_responses_wait_for_memory_and_never_stall_health() {
         "prompt": "hello", "n": 16, "max_tokens": 256, "ignore_eos": true,
         "logprobs": 20, "seed": 1,
     });
-    server.ok("/v1/completions", &json!({"prompt": "hello", "max_tokens": 2}));
+    server.ok(
+        "/v1/completions",
+        &json!({"prompt": "hello", "max_tokens": 2}),
+    );
     let baseline = rss_mib(&server);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prober = {
@@ -177,7 +218,8 @@ fn large_responses_wait_for_memory_and_never_stall_health() {
         })
         .collect();
     while !clients.iter().all(|c| c.is_finished()) {
-        peak_reserved = peak_reserved.max(metric(&server, "gym_serve_request_memory_reserved_bytes"));
+        peak_reserved =
+            peak_reserved.max(metric(&server, "gym_serve_request_memory_reserved_bytes"));
         std::thread::sleep(Duration::from_millis(50));
     }
     let sizes: Vec<usize> = clients.into_iter().map(|c| c.join().unwrap()).collect();
@@ -188,14 +230,20 @@ fn large_responses_wait_for_memory_and_never_stall_health() {
     assert!(probes > 10);
     assert!(worst < Duration::from_millis(100), "/health took {worst:?}");
     wait_idle(&server, Duration::from_secs(10));
-    assert_eq!(metric(&server, "gym_serve_request_memory_reserved_bytes"), 0.0);
+    assert_eq!(
+        metric(&server, "gym_serve_request_memory_reserved_bytes"),
+        0.0
+    );
     // Memory comes back (malloc_trim after large responses): within 24 MiB
     // of the baseline; the peak is what the budget allowed.
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_mib(&server);
     let peak = status_kib(server.pid(), "VmHWM") as f64 / 1024.0;
     eprintln!("RSS baseline {baseline:.0} MiB, peak {peak:.0} MiB, after {after:.0} MiB; /health worst {worst:?} over {probes} probes");
-    assert!(after < baseline + 24.0, "RSS {after:.0} MiB vs baseline {baseline:.0} MiB");
+    assert!(
+        after < baseline + 24.0,
+        "RSS {after:.0} MiB vs baseline {baseline:.0} MiB"
+    );
     assert_eq!(server.get("/health").0, 200);
 }
 
@@ -219,7 +267,10 @@ fn many_stop_strings_cost_time_linear_in_the_output() {
     let (many, v) = request(Some(stops));
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     eprintln!("CPU: {plain:.2} s without stop strings, {many:.2} s with 100,000");
-    assert!(many < plain + 2.5, "{many:.2} s with stop strings vs {plain:.2} s");
+    assert!(
+        many < plain + 2.5,
+        "{many:.2} s with stop strings vs {plain:.2} s"
+    );
     // A stop string still cuts the text where it first appears.
     let text = v["choices"][0]["text"].as_str().unwrap().to_string();
     let chars: Vec<char> = text.chars().collect();
@@ -233,7 +284,10 @@ fn many_stop_strings_cost_time_linear_in_the_output() {
     );
     let choice = &cut["choices"][0];
     assert_eq!(choice["finish_reason"], "stop");
-    assert_eq!(choice["text"].as_str().unwrap(), &text[..text.find(&stop).unwrap()]);
+    assert_eq!(
+        choice["text"].as_str().unwrap(),
+        &text[..text.find(&stop).unwrap()]
+    );
     assert_eq!(server.get("/health").0, 200);
 }
 
@@ -261,6 +315,9 @@ fn long_scoring_runs_in_chunks_and_matches_generation() {
     let teacher = common::server::floats(&scored["token_logprobs"]);
     assert_eq!(teacher.len(), 300);
     for (i, (a, b)) in reported.iter().zip(&teacher).enumerate() {
-        assert!((a - b).abs() < 1e-4, "position {i}: generated {a}, scored {b}");
+        assert!(
+            (a - b).abs() < 1e-4,
+            "position {i}: generated {a}, scored {b}"
+        );
     }
 }

@@ -109,11 +109,16 @@ fn soak_leaves_no_growth_between_rounds() {
         &[
             // A small KV pool is fully touched within the first rounds, so
             // cached prefixes do not read as growth.
-            "--kv-cache-tokens", "8192",
-            "--header-read-timeout", "1",
-            "--body-idle-timeout", "1",
-            "--max-prompts", "32",
-            "--max-stop-strings", "64",
+            "--kv-cache-tokens",
+            "8192",
+            "--header-read-timeout",
+            "1",
+            "--body-idle-timeout",
+            "1",
+            "--max-prompts",
+            "32",
+            "--max-stop-strings",
+            "64",
         ],
     );
     let started = Instant::now();
@@ -142,6 +147,14 @@ fn soak_leaves_no_growth_between_rounds() {
     assert!(
         last <= settled + RSS_SLACK_MIB,
         "RSS grew from {settled:.1} MiB (round 1) to {last:.1} MiB: {figures:?}"
+    );
+    // And once the pool is touched through, flat.
+    let tail = &figures[ROUNDS - 4..];
+    let spread = tail.iter().cloned().fold(f64::MIN, f64::max)
+        - tail.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        spread <= 1.5,
+        "RSS still moving in the last rounds: {figures:?}"
     );
     assert_eq!(server.get("/health").0, 200);
 }

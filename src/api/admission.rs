@@ -60,7 +60,10 @@ impl RequestShape {
         let per_sequence = self
             .max_tokens
             .saturating_mul(self.token_bytes())
-            .saturating_add(self.prompt_tokens.saturating_mul(if self.buffered { 16 } else { 4 }))
+            .saturating_add(
+                self.prompt_tokens
+                    .saturating_mul(if self.buffered { 16 } else { 4 }),
+            )
             .saturating_add(1024);
         let worst = per_sequence.saturating_mul(self.sequences.max(1));
         if self.buffered {

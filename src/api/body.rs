@@ -88,9 +88,7 @@ impl http_body::Body for TimedBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.idle
-                .as_mut()
-                .reset(Instant::now() + this.idle_after);
+            this.idle.as_mut().reset(Instant::now() + this.idle_after);
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if this.total.as_mut().poll(cx).is_ready() {
@@ -127,10 +125,15 @@ pub fn timed_out(e: &(dyn std::error::Error + 'static)) -> Option<BodyTimedOut> 
 
 /// Reads a whole body of at most `limit` bytes.
 pub async fn read_limited(body: Body, limit: BodyLimit) -> Result<Bytes, ApiError> {
-    match http_body_util::Limited::new(body, limit.bytes).collect().await {
+    match http_body_util::Limited::new(body, limit.bytes)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 return Err(ApiError::BodyTooLarge {
                     limit: limit.bytes,
                     flag: limit.flag,

@@ -1,9 +1,9 @@
 //! `POST /v1/chat/completions`, streaming and not, with the token transport
 //! fields of CONTRACT.md on every choice.
 
+use super::admission::{RequestShape, Reservation};
 use super::error::ApiError;
 use super::generation::sse_response;
-use super::admission::{RequestShape, Reservation};
 use super::generation::{
     finite_logprobs, response_id, unix_time, usage, ChatLogprobs, ChoiceState, Progress,
     ResponseMeter, Runner, TokenFormat,
@@ -253,7 +253,7 @@ async fn full_response(
                 index,
                 message: ChatMessage {
                     role: "assistant",
-                    content: (!(parsed.content.is_empty() && !parsed.tool_calls.is_empty()))
+                    content: (!parsed.content.is_empty() || parsed.tool_calls.is_empty())
                         .then_some(parsed.content.as_str()),
                     tool_calls: tool_calls_json(parsed),
                     prompt_token_ids: &runner.prompt,
@@ -262,7 +262,7 @@ async fn full_response(
                     reasoning_content: parsed.reasoning.as_deref(),
                     reasoning: parsed.reasoning.as_deref(),
                 },
-                logprobs: plan.want_logprobs.then(|| ChatLogprobs {
+                logprobs: plan.want_logprobs.then_some(ChatLogprobs {
                     state,
                     choice: c,
                     range: 0..c.token_ids.len(),

@@ -360,6 +360,10 @@ impl Serialize for PromptLogprobs<'_> {
     }
 }
 
+/// A reported token: its ID and, unless it opens the echoed prompt, its
+/// log-prob and alternatives.
+type Position<'a> = (u32, Option<(f32, &'a [(u32, f32)])>);
+
 /// Legacy completions `logprobs` for `range` of a choice's tokens; with echo,
 /// the prompt's tokens come first (the very first has no log-prob).
 struct LegacyLogprobs<'a> {
@@ -396,11 +400,14 @@ impl LegacyLogprobs<'_> {
 
     /// (token ID, log-prob, alternatives) of every reported position; the
     /// echoed prompt's first token has neither.
-    fn positions(&self) -> impl Iterator<Item = (u32, Option<(f32, &[(u32, f32)])>)> + Clone {
+    fn positions(&self) -> impl Iterator<Item = Position<'_>> + Clone {
         let prompt = self.prompt.into_iter().flat_map(|(ids, scores)| {
             ids.iter().enumerate().map(move |(i, &t)| {
                 let scored = (i > 0).then(|| {
-                    let top = scores.top_logprobs.get(i - 1).map_or(&[][..], Vec::as_slice);
+                    let top = scores
+                        .top_logprobs
+                        .get(i - 1)
+                        .map_or(&[][..], Vec::as_slice);
                     (scores.token_logprobs[i - 1], top)
                 });
                 (t, scored)
@@ -426,7 +433,11 @@ impl Serialize for LegacyLogprobs<'_> {
         let positions = self.positions();
         m.serialize_entry(
             "token_logprobs",
-            &SeqWith(|| positions.clone().map(|(_, p)| p.map(|(l, _)| finite_f64(l)))),
+            &SeqWith(|| {
+                positions
+                    .clone()
+                    .map(|(_, p)| p.map(|(l, _)| finite_f64(l)))
+            }),
         )?;
         m.serialize_entry(
             "top_logprobs",
@@ -495,12 +506,14 @@ fn choice_body<'a>(
         generation_log_probs: Finite(&c.logprobs),
         token_ids: plan.return_token_ids.then_some(c.token_ids.as_slice()),
         weight_versions: c.version_spans(),
-        prompt_logprobs: prompt_logprobs.zip(scores).map(|(k, scores)| PromptLogprobs {
-            state,
-            prompt: &runner.prompt,
-            scores,
-            k,
-        }),
+        prompt_logprobs: prompt_logprobs
+            .zip(scores)
+            .map(|(k, scores)| PromptLogprobs {
+                state,
+                prompt: &runner.prompt,
+                scores,
+                k,
+            }),
     }
 }
 

@@ -347,7 +347,10 @@ impl serde::Serialize for ChatLogprobEntry<'_> {
                 top: None,
                 format: self.format,
             });
-            m.serialize_entry("top_logprobs", &super::response::SeqWith(|| alternatives.clone()))?;
+            m.serialize_entry(
+                "top_logprobs",
+                &super::response::SeqWith(|| alternatives.clone()),
+            )?;
         }
         m.end()
     }

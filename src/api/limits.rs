@@ -85,7 +85,12 @@ impl RequestLimits {
     }
 
     pub fn check_stop(&self, stop: &[String]) -> Result<(), ApiError> {
-        Self::check("stop", stop.len(), self.max_stop_strings, "--max-stop-strings")?;
+        Self::check(
+            "stop",
+            stop.len(),
+            self.max_stop_strings,
+            "--max-stop-strings",
+        )?;
         let longest = stop.iter().map(String::len).max().unwrap_or(0);
         Self::check(
             "stop",

@@ -101,7 +101,12 @@ impl http_body::Body for Held {
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(self.get_mut().bytes.take().map(|b| Ok(http_body::Frame::data(b))))
+        Poll::Ready(
+            self.get_mut()
+                .bytes
+                .take()
+                .map(|b| Ok(http_body::Frame::data(b))),
+        )
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,9 +6,9 @@ use super::generation::{ResponseMeter, RunOptions};
 use super::limits::RequestLimits;
 use super::stop::StopMatcher;
 use crate::engine::{DistributionParams, LogprobsMode, SamplingParams};
-use std::sync::Arc;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// `stop`: one string or a list of them.
 #[derive(Debug, Clone, Deserialize)]

@@ -54,7 +54,10 @@ pub fn wait_idle(server: &Server, within: Duration) {
         if busy == 0.0 {
             return;
         }
-        assert!(Instant::now() < deadline, "engine still busy after {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "engine still busy after {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -97,11 +100,14 @@ pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     let mut buf = [0u8; 1024];
     while Instant::now() < deadline {
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return true,
         }
     }
