@@ -100,6 +100,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     };
     let inference = json_bounds(l.max_request_bytes, "--max-request-bytes");
     let control = json_bounds(l.max_control_bytes, "--max-control-bytes");
+    // A disk update answers an oversized body itself (its own, smaller bound),
+    // so the refusal is counted as a failed update like every other.
+    let disk_update = BodyBounds {
+        precheck: false,
+        ..json_bounds(l.max_control_bytes, "--max-control-bytes")
+    };
     let weight_push = BodyBounds {
         limit: BodyLimit {
             bytes: state.max_weights_bytes,
@@ -122,8 +128,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(from_fn_with_state(inference, body::bound))
         .route_layer(from_fn_with_state(state.clone(), auth::require_api_key));
-    let admin = Router::new()
+    let disk = Router::new()
         .route("/update_weights_from_disk", post(weights::update_from_disk))
+        .route_layer(from_fn_with_state(disk_update, body::bound))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
+    let admin = Router::new()
         .route("/get_weight_version", get(weights::get_weight_version))
         .route("/pause", post(control::pause))
         .route("/resume", post(control::resume))
@@ -140,6 +149,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(push)
+        .merge(disk)
         .merge(admin)
         .route("/metrics", get(metrics::metrics))
         .merge(protected)

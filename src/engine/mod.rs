@@ -33,8 +33,13 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("token id {token} is out of the vocabulary (size {vocab_size})")]
     TokenOutOfVocab { token: u32, vocab_size: usize },
-    #[error("This model's maximum context length is {max} tokens. However, your request has {requested} tokens. Please reduce the length of the input.")]
-    ContextLength { requested: usize, max: usize },
+    #[error("This model's maximum context length is {max} tokens{}. However, your request has {requested} tokens. Please reduce the length of the input.", window_note(*.sliding_window))]
+    ContextLength {
+        requested: usize,
+        max: usize,
+        /// Set when the context ends at the model's sliding window.
+        sliding_window: Option<usize>,
+    },
     #[error("start must be in [1, {len}] (the first token has no prefix to score it against), got {start}")]
     InvalidStart { start: usize, len: usize },
     #[error("the engine has stopped")]
@@ -43,11 +48,19 @@ pub enum EngineError {
     Failed(String),
 }
 
+fn window_note(window: Option<usize>) -> String {
+    window
+        .map(|w| format!(" (its sliding_window of {w} tokens: no layer may attend past it)"))
+        .unwrap_or_default()
+}
+
 /// Limits every request is validated against.
 #[derive(Debug, Clone)]
 pub struct EngineLimits {
     pub vocab_size: usize,
     pub max_model_len: usize,
+    /// The model's sliding window, when that is what ends the context.
+    pub sliding_window: Option<usize>,
     pub eos_token_ids: Vec<u32>,
     /// Bytes of the KV pool (the default request-memory budget derives from it).
     pub kv_pool_bytes: usize,
@@ -143,9 +156,15 @@ impl EngineHandle {
             .unwrap_or_else(|| default_kv_tokens(kv_bytes_per_token));
         let num_blocks = kv_tokens.div_ceil(block_size).max(1);
         let max_len = model.max_positions().min(num_blocks * block_size);
+        let max_model_len = options.max_model_len.map_or(max_len, |m| m.min(max_len));
         let limits = Arc::new(EngineLimits {
             vocab_size: model.config().vocab_size,
-            max_model_len: options.max_model_len.map_or(max_len, |m| m.min(max_len)),
+            max_model_len,
+            sliding_window: model
+                .config()
+                .attention
+                .sliding_window
+                .filter(|&w| w == max_model_len),
             eos_token_ids: eos_token_ids.clone(),
             kv_pool_bytes: num_blocks * block_size * kv_bytes_per_token,
         });
@@ -288,6 +307,7 @@ impl EngineHandle {
             return Err(EngineError::ContextLength {
                 requested: prompt.len(),
                 max,
+                sliding_window: self.limits.sliding_window,
             });
         }
         // max_tokens beyond the context is clamped to what fits.
@@ -335,6 +355,7 @@ impl EngineHandle {
             return Err(EngineError::ContextLength {
                 requested: token_ids.len(),
                 max: self.limits.max_model_len,
+                sliding_window: self.limits.sliding_window,
             });
         }
         let (reply, rx) = oneshot::channel();
