@@ -47,18 +47,8 @@ fn serialize(tensors: &[(String, Tensor)]) -> Vec<u8> {
 
 fn push(server: &Server, body: Vec<u8>, query: &str) -> (u16, Value, f64) {
     let started = Instant::now();
-    let resp = server
-        .http
-        .post(server.url(&format!("/v1/weights?{query}")))
-        .body(body)
-        .send()
-        .unwrap();
-    let status = resp.status().as_u16();
-    (
-        status,
-        resp.json().unwrap_or(Value::Null),
-        started.elapsed().as_secs_f64(),
-    )
+    let (status, resp) = server.post_bytes(&format!("/v1/weights?{query}"), body);
+    (status, resp, started.elapsed().as_secs_f64())
 }
 
 fn message(reply: &Value) -> &str {

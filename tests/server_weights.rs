@@ -27,14 +27,7 @@ fn serialize(tensors: &[(String, Tensor)]) -> Vec<u8> {
 }
 
 fn push(server: &Server, body: Vec<u8>, query: &str) -> (u16, Value) {
-    let resp = server
-        .http
-        .post(server.url(&format!("/v1/weights?{query}")))
-        .body(body)
-        .send()
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+    server.post_bytes(&format!("/v1/weights?{query}"), body)
 }
 
 const TOKENS: [u32; 14] = [

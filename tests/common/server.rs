@@ -72,6 +72,19 @@ impl Server {
         )
     }
 
+    /// POSTs raw bytes (a weight push); returns the status and the parsed
+    /// body (null when it is not JSON).
+    pub fn post_bytes(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(Value::Null))
+    }
+
     /// POSTs JSON and asserts success.
     pub fn ok(&self, path: &str, body: &Value) -> Value {
         let (status, v) = self.post(path, body);
