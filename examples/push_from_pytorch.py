@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Push a PyTorch state_dict to one or several running gym-serve servers.
 
-This is what a TRL / veRL / custom-loop user calls after `optimizer.step()`:
+This is what a TRL / veRL / custom-loop user calls after `optimizer.step()`
+(for a LoRA run, `push_adapter_state_dict(get_peft_model_state_dict(model), urls,
+adapter="policy", config=model.peft_config["default"])` pushes just the adapter):
 
     from push_from_pytorch import push_state_dict
     push_state_dict(model.state_dict(), ["http://127.0.0.1:8000"], version=str(step))
@@ -41,6 +43,36 @@ def push_state_dict(state_dict, urls, version=None, pause="wait", partial=False,
         request = urllib.request.Request(
             f"{base}/v1/weights?{urllib.parse.urlencode(query)}", data=body, method="POST",
             headers={"Content-Type": "application/octet-stream", "x-weights-sha256": digest})
+        if admin_key:
+            request.add_header("Authorization", f"Bearer {admin_key}")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        return list(pool.map(push, urls))
+
+
+def push_adapter_state_dict(state_dict, urls, adapter, config=None, version=None, pause="wait", admin_key=None,
+                            dtype=torch.float32, timeout=600):
+    """POST a PEFT adapter's state dict (`peft.get_peft_model_state_dict(model)`) to
+    `{url}/v1/weights?adapter=NAME` on every server: it replaces adapter NAME all or
+    nothing (or creates it; then `config`, the adapter's `LoraConfig`, is required)."""
+    tensors = {name: t.detach().to(dtype).cpu().contiguous().clone() for name, t in state_dict.items()}
+    body = save(tensors)
+    query = {"adapter": adapter, "pause": pause}
+    if version is not None:
+        query["version"] = str(version)
+    headers = {"Content-Type": "application/octet-stream"}
+    if config is not None:
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        # target_modules may be a set; enums (task_type, peft_type) print as their values.
+        headers["x-adapter-config"] = json.dumps(cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(
+            getattr(v, "value", v)))
+
+    def push(url):
+        base = url.rstrip("/").removesuffix("/v1")
+        request = urllib.request.Request(f"{base}/v1/weights?{urllib.parse.urlencode(query)}", data=body,
+                                         method="POST", headers=headers)
         if admin_key:
             request.add_header("Authorization", f"Bearer {admin_key}")
         with urllib.request.urlopen(request, timeout=timeout) as response:

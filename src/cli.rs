@@ -104,6 +104,40 @@ pub struct ServeArgs {
     pub allow_open_admin: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+/// LoRA adapters served beside the base model (vLLM's flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoraArgs {
+    /// Adapters to serve from the start, `NAME=PATH` (a PEFT directory);
+    /// requests select one by `model: NAME`. In the environment,
+    /// comma-separated.
+    #[arg(long, num_args = 1.., value_delimiter = ',', value_parser = lora_module, env = "GYM_SERVE_LORA_MODULES")]
+    pub lora_modules: Vec<LoraModule>,
+    /// Most adapters loaded at once.
+    #[arg(long, default_value_t = 8, env = "GYM_SERVE_MAX_LORAS")]
+    pub max_loras: usize,
+    /// Largest adapter rank accepted.
+    #[arg(long, default_value_t = 64, env = "GYM_SERVE_MAX_LORA_RANK")]
+    pub max_lora_rank: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+fn lora_module(s: &str) -> Result<LoraModule, String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(LoraModule {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        }),
+        _ => Err(format!("{s:?} is not NAME=PATH")),
+    }
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -326,6 +360,12 @@ pub struct PushWeightsArgs {
     /// Replace only the tensors sent (default: every parameter is required).
     #[arg(long, env = "GYM_SERVE_PUSH_PARTIAL")]
     pub partial: bool,
+    /// Push a LoRA adapter under this name instead of the base weights:
+    /// `--dir` is a PEFT adapter directory (its adapter_config.json goes
+    /// along), or `--file` its adapter_model.safetensors (the server keeps
+    /// the adapter's config). A new name creates the adapter.
+    #[arg(long, env = "GYM_SERVE_PUSH_ADAPTER")]
+    pub adapter: Option<String>,
     /// What running requests do during the swap: wait, abort or keep.
     #[arg(long, default_value = "wait", env = "GYM_SERVE_PUSH_PAUSE")]
     pub pause: String,

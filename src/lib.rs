@@ -9,6 +9,7 @@ pub mod connections;
 pub mod engine;
 pub mod huge_pages;
 pub mod loader;
+pub mod lora;
 pub mod make_model;
 pub mod math;
 pub mod memory;

@@ -51,6 +51,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let max_weights_bytes = args
         .max_weights_bytes
         .unwrap_or_else(|| (2 * loaded.store.size_in_bytes()).max(64 << 20));
+    let lora = Arc::new(crate::lora::LoraRegistry::new(crate::lora::LoraLimits {
+        max_loras: args.lora.max_loras,
+        max_rank: args.lora.max_lora_rank,
+    }));
     let engine = EngineHandle::spawn(
         loaded.model,
         chat.eos_token_ids().to_vec(),
@@ -62,6 +66,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             block_size: Some(args.block_size),
             max_num_batched_tokens: Some(args.max_num_batched_tokens),
             max_num_seqs: Some(args.max_num_seqs),
+            adapters: Some(lora.clone()),
         },
     )?;
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -115,7 +120,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         limits,
         memory,
+        lora,
     });
+    for m in &args.lora.lora_modules {
+        crate::api::lora::load_adapter(&state, &m.name, m.path.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("--lora-modules {}: {e}", m.name))?;
+    }
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;

@@ -56,7 +56,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let mut req: ChatRequest = from_body(&body)?;
     req.sampling = from_body(&body)?;
-    state.check_model(req.sampling.model.as_deref())?;
+    let adapter = state.resolve_model(req.sampling.model.as_deref())?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = match req.top_logprobs {
         Some(None) if want_logprobs => {
@@ -107,7 +107,9 @@ pub async fn chat_completions(
         .reserve(shape.cost(state.limits.max_response_bytes))
         .await?;
     let options = req.sampling.run_options(&params, stop, meter);
-    let stream = state.engine.generate(prompt.clone(), params)?;
+    let stream = state
+        .engine
+        .generate_with_adapter(prompt.clone(), params, adapter)?;
     let runner = Runner::new(state.clone(), prompt, stream, options);
     let plan = ChatPlan {
         id: response_id("chatcmpl"),

@@ -61,7 +61,7 @@ pub async fn completions(
     let mut req: CompletionRequest = from_body(&body)?;
     req.sampling = from_body(&body)?;
     drop(body);
-    state.check_model(req.sampling.model.as_deref())?;
+    let adapter = state.resolve_model(req.sampling.model.as_deref())?;
     let limits = &state.limits;
     let count = match &req.prompt {
         PromptField::Text(_) | PromptField::Tokens(_) => 1,
@@ -152,7 +152,10 @@ pub async fn completions(
         let options = req
             .sampling
             .run_options(&params, stop.clone(), meter.clone());
-        let stream = state.engine.generate(prompt.clone(), params.clone())?;
+        let stream =
+            state
+                .engine
+                .generate_with_adapter(prompt.clone(), params.clone(), adapter.clone())?;
         runners.push(Runner::new(state.clone(), prompt, stream, options));
     }
     let mut prompt_scores = Vec::new();
@@ -162,7 +165,7 @@ pub async fn completions(
             .unwrap_or(0)
             .max(plan.logprobs.unwrap_or(0));
         for r in &runners {
-            prompt_scores.push(score_prompt(&state, &r.prompt, k).await?);
+            prompt_scores.push(score_prompt(&state, &r.prompt, k, adapter.clone()).await?);
         }
     }
     if streaming {
@@ -257,18 +260,22 @@ async fn score_prompt(
     state: &AppState,
     prompt: &[u32],
     top: usize,
+    adapter: Option<Arc<crate::lora::LoraAdapter>>,
 ) -> Result<ScoreOutput, ApiError> {
     if prompt.len() < 2 {
         return Ok(ScoreOutput {
             token_logprobs: Vec::new(),
             top_logprobs: Vec::new(),
-            weight_version: state.engine.stats().weight_version(),
+            weight_version: adapter.map_or_else(
+                || state.engine.stats().weight_version(),
+                |a| a.version.clone(),
+            ),
         });
     }
     let dist = DistributionParams::default();
     Ok(state
         .engine
-        .score(prompt.to_vec(), 1, dist, LogprobsMode::Raw, top)
+        .score_with_adapter(prompt.to_vec(), 1, dist, LogprobsMode::Raw, top, adapter)
         .await?)
 }
 

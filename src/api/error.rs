@@ -43,6 +43,12 @@ pub enum ApiError {
     /// The request body stalled or took too long (`flag` names the bound).
     #[error("the request body took too long ({flag})")]
     BodyTimeout { flag: &'static str },
+    /// A LoRA adapter refused, or not found (`adapter` names it).
+    #[error("LoRA adapter `{}`: {source}", crate::weights::clip(.adapter))]
+    Lora {
+        adapter: String,
+        source: crate::lora::LoraError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -77,6 +83,10 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Lora { source, .. } => match source {
+                crate::lora::LoraError::NotFound => StatusCode::NOT_FOUND,
+                _ => StatusCode::BAD_REQUEST,
+            },
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,6 +95,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { param, .. } => param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::Lora { .. } => Some("lora_name"),
             ApiError::LimitExceeded { param, .. } => Some(param),
             ApiError::Engine(EngineError::InvalidParam(p)) => Some(p.param),
             ApiError::Engine(EngineError::InvalidStart { .. }) => Some("start"),

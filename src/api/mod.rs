@@ -12,6 +12,7 @@ pub mod error;
 pub mod generation;
 pub mod json;
 pub mod limits;
+pub mod lora;
 pub mod metrics;
 pub mod response;
 pub mod scoring;
@@ -71,17 +72,14 @@ pub struct AppState {
     pub limits: limits::RequestLimits,
     /// Host memory requests may reserve (`--max-memory`).
     pub memory: Arc<admission::MemoryBudget>,
+    /// The LoRA adapters served beside the base model (shared with the engine).
+    pub lora: Arc<crate::lora::LoraRegistry>,
 }
 
 impl AppState {
-    /// Requests may name the served model or leave `model` out.
+    /// Requests may name the served model or an adapter, or leave `model` out.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        match model {
-            Some(m) if m != self.served_model_name && m != self.model_root => {
-                Err(ApiError::ModelNotFound(m.to_string()))
-            }
-            _ => Ok(()),
-        }
+        self.resolve_model(model).map(|_| ())
     }
 
     pub fn max_model_len(&self) -> usize {
@@ -138,6 +136,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/resume", post(control::resume))
         .route("/is_paused", get(control::is_paused))
         .route("/reset_prefix_cache", post(control::reset_prefix_cache))
+        .route("/v1/load_lora_adapter", post(lora::load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(lora::unload_lora_adapter))
         .route_layer(from_fn_with_state(control, body::bound))
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
     let push = Router::new()
@@ -169,15 +169,14 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "gym-serve",
-            "root": state.model_root,
-            "max_model_len": state.max_model_len(),
-        }]
-    }))
+    let mut data = vec![json!({
+        "id": state.served_model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "gym-serve",
+        "root": state.model_root,
+        "max_model_len": state.max_model_len(),
+    })];
+    data.extend(lora::adapter_models(&state).into_iter().map(|a| json!(a)));
+    Json(json!({"object": "list", "data": data}))
 }

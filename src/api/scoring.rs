@@ -27,7 +27,7 @@ pub async fn logprobs(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<LogprobsRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    state.check_model(req.model.as_deref())?;
+    let adapter = state.resolve_model(req.model.as_deref())?;
     let distribution = DistributionParams {
         temperature: req.temperature.unwrap_or(1.0),
         top_p: req.top_p.unwrap_or(1.0),
@@ -43,7 +43,7 @@ pub async fn logprobs(
     let mode = req.logprobs_mode.unwrap_or(state.defaults.logprobs_mode);
     let out = state
         .engine
-        .score(req.token_ids, req.start, distribution, mode, 0)
+        .score_with_adapter(req.token_ids, req.start, distribution, mode, 0, adapter)
         .await?;
     // A token outside the sampling distribution has probability 0: null in JSON.
     let lps: Vec<Option<f32>> = out

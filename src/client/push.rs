@@ -53,6 +53,9 @@ fn payload(args: &PushWeightsArgs) -> anyhow::Result<Payload> {
     let Some(dir) = &args.dir else {
         bail!("give --dir or --file")
     };
+    if args.adapter.is_some() {
+        return Ok(Payload::File(dir.join("adapter_model.safetensors")));
+    }
     let files = checkpoint_files(dir)?;
     if let [single] = files.as_slice() {
         return Ok(Payload::File(single.clone()));
@@ -66,6 +69,19 @@ fn payload(args: &PushWeightsArgs) -> anyhow::Result<Payload> {
     Ok(Payload::Bytes(safetensors::serialize(views, None)?))
 }
 
+/// An adapter directory's `adapter_config.json`, on one line (a header value).
+fn adapter_config(args: &PushWeightsArgs) -> anyhow::Result<Option<String>> {
+    let (Some(_), Some(dir)) = (&args.adapter, &args.dir) else {
+        return Ok(None);
+    };
+    let path = dir.join("adapter_config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(Some(serde_json::to_string(&value)?))
+}
+
 pub fn push_weights(args: PushWeightsArgs) -> anyhow::Result<()> {
     let base = args.url.trim_end_matches('/').trim_end_matches("/v1");
     let mut url = reqwest::Url::parse(&format!("{base}/v1/weights")).context("--url")?;
@@ -76,7 +92,11 @@ pub fn push_weights(args: PushWeightsArgs) -> anyhow::Result<()> {
         if let Some(v) = &args.version {
             q.append_pair("version", v);
         }
+        if let Some(a) = &args.adapter {
+            q.append_pair("adapter", a);
+        }
     }
+    let adapter_config = adapter_config(&args)?;
     let (digest, len, reader): (String, u64, Box<dyn Read + Send>) = match payload(&args)? {
         Payload::File(path) => {
             let open = || {
@@ -115,6 +135,9 @@ pub fn push_weights(args: PushWeightsArgs) -> anyhow::Result<()> {
         .body(body);
     if let Some(key) = &args.admin_api_key {
         request = request.bearer_auth(key);
+    }
+    if let Some(config) = adapter_config {
+        request = request.header(crate::api::lora::CONFIG_HEADER, config);
     }
     let response = request.send().context("sending the weights")?;
     bar.finish_and_clear();

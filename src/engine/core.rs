@@ -15,6 +15,7 @@ use super::params::{DistributionParams, LogprobsMode, SamplingParams};
 use super::sampler;
 use super::sequence::Sequence;
 use super::stats::EngineStats;
+use crate::lora::{LoraAdapter, LoraRegistry};
 use crate::model::{KvPool, LogitsFor, Model, Segment};
 use candle_core::DType;
 use rayon::prelude::*;
@@ -98,6 +99,9 @@ pub struct EngineCore {
     /// `pause(wait)` callers waiting for running sequences to finish.
     pause_waiters: Vec<oneshot::Sender<()>>,
     swaps: u64,
+    /// The adapters being served: a queued sequence runs under the version
+    /// current when it reaches the engine.
+    adapters: Arc<LoraRegistry>,
 }
 
 /// A validated generation request (see [`super::EngineHandle::generate`]).
@@ -108,6 +112,7 @@ pub struct GenerationJob {
     pub seed: u64,
     pub budget: usize,
     pub events: EventSender,
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// A validated scoring request (see [`super::EngineHandle::score`]).
@@ -118,6 +123,7 @@ pub struct ScoreJob {
     pub mode: LogprobsMode,
     /// Alternatives to report per scored position (0 = none).
     pub top_logprobs: usize,
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// Teacher-forced log-probs of `token_ids[start..]`.
@@ -160,8 +166,67 @@ impl EngineCore {
             pending_swap: None,
             pause_waiters: Vec::new(),
             swaps: 0,
+            adapters: Arc::default(),
         })
         .inspect(|core| core.stats.set_weight_version(core.weight_version.clone()))
+    }
+
+    /// The adapters requests resolve against (shared with the HTTP layer).
+    pub fn set_adapters(&mut self, adapters: Arc<LoraRegistry>) {
+        self.adapters = adapters;
+    }
+
+    /// The version of `adapter` being served now (the one given, if it was
+    /// unloaded since: the request finishes under it).
+    fn current_adapter(&self, adapter: Option<Arc<LoraAdapter>>) -> Option<Arc<LoraAdapter>> {
+        adapter.map(|a| self.adapters.get(&a.name).unwrap_or(a))
+    }
+
+    /// Adapter `name` changed in the registry: its sequences go on under
+    /// `mode`. `keep`: they switch to the new version and recompute their
+    /// cache (queued ones too); `abort`: they end; `wait`: they finish
+    /// under the version they started with. Other sequences are untouched.
+    pub fn swap_adapter(&mut self, name: &str, mode: PauseMode) -> SwapReport {
+        let started = Instant::now();
+        let current = self.adapters.get(name);
+        let uses = |s: &Sequence| s.adapter.as_ref().is_some_and(|a| a.name == name);
+        let (mut aborted, mut kept) = (0, 0);
+        let keep = mode == PauseMode::Keep || self.paused.is_some();
+        if keep || mode == PauseMode::Abort {
+            let (hit, rest): (Vec<Sequence>, Vec<Sequence>) =
+                self.running.drain(..).partition(|s| uses(s));
+            self.running = rest;
+            for mut seq in hit {
+                seq.free_blocks(&mut self.blocks);
+                self.requeue(seq);
+            }
+            let mut still = VecDeque::with_capacity(self.waiting.len());
+            for mut seq in self.waiting.drain(..) {
+                if !uses(&seq) {
+                    still.push_back(seq);
+                } else if keep {
+                    kept += 1 + seq.siblings.len();
+                    seq.block_hashes.clear();
+                    seq.adapter = current.clone().or(seq.adapter.take());
+                    for s in seq.siblings.iter_mut() {
+                        s.adapter = current.clone().or(s.adapter.take());
+                    }
+                    still.push_back(seq);
+                } else {
+                    for s in std::iter::once(&seq).chain(&seq.siblings) {
+                        let _ = s.events.send(EngineEvent::Aborted { choice: s.choice });
+                        aborted += 1;
+                    }
+                }
+            }
+            self.waiting = still;
+        }
+        self.publish_stats();
+        SwapReport {
+            aborted,
+            kept,
+            swap_seconds: started.elapsed().as_secs_f64(),
+        }
     }
 
     pub fn stats(&self) -> &Arc<EngineStats> {
@@ -362,6 +427,10 @@ impl EngineCore {
                 )
             })
             .collect();
+        let adapter = self.current_adapter(job.adapter);
+        for c in &mut choices {
+            c.adapter = adapter.clone();
+        }
         let mut leader = choices.remove(0);
         leader.siblings = choices;
         self.waiting.push_back(leader);
@@ -541,7 +610,14 @@ impl EngineCore {
             })
             .map(|p| p.index)
             .collect();
-        let logits = self.model.forward(&segments, &self.pool);
+        let adapters: Vec<Option<&LoraAdapter>> = plan
+            .iter()
+            .map(|p| self.running[p.index].adapter.as_deref())
+            .collect();
+        let logits = self
+            .model
+            .forward_with_adapters(&segments, &adapters, &self.pool);
+        drop(adapters);
         drop(segments);
         let logits = match logits {
             Ok(logits) => logits,
@@ -595,14 +671,16 @@ impl EngineCore {
                 }
                 let first = sample_next(&mut sib, row, eos);
                 generated += 1;
-                if emit(&mut sib, first, eos, &self.weight_version) {
+                let version = version_of(&sib, &self.weight_version);
+                if emit(&mut sib, first, eos, &version) {
                     keep.push(sib);
                 } else {
                     sib.free_blocks(&mut self.blocks);
                 }
             }
             generated += 1;
-            if emit(&mut seq, s, eos, &self.weight_version) {
+            let version = version_of(&seq, &self.weight_version);
+            if emit(&mut seq, s, eos, &version) {
                 keep.push(seq);
             } else {
                 seq.free_blocks(&mut self.blocks);
@@ -632,10 +710,13 @@ impl EngineCore {
     /// pass (no cache reuse).
     pub fn score(&self, job: &ScoreJob) -> candle_core::Result<ScoreOutput> {
         let tokens = &job.token_ids;
+        let adapter = self.current_adapter(job.adapter.clone());
         let mut out = ScoreOutput {
             token_logprobs: Vec::with_capacity(tokens.len() - job.start),
             top_logprobs: Vec::with_capacity(tokens.len() - job.start),
-            weight_version: self.weight_version.clone(),
+            weight_version: adapter
+                .as_ref()
+                .map_or(self.weight_version.clone(), |a| a.version.clone()),
         };
         self.model.logits_in_chunks(
             tokens,
@@ -643,6 +724,7 @@ impl EngineCore {
             tokens.len() - 1,
             self.pool.dtype(),
             SCORE_CHUNK_ROWS,
+            adapter.as_deref(),
             |first, logits| {
                 let rows = logits.to_vec2::<f32>()?;
                 for (row, &t) in rows.iter().zip(&tokens[first + 1..]) {
@@ -661,6 +743,13 @@ impl EngineCore {
 /// Positions scored per forward pass: bounds a scoring request's logits to
 /// this many rows of the vocabulary (150 MB at a 150k vocabulary).
 const SCORE_CHUNK_ROWS: usize = 256;
+
+/// The label a token of `seq` carries: its adapter's version, or the base weights'.
+fn version_of(seq: &Sequence, base: &Arc<str>) -> Arc<str> {
+    seq.adapter
+        .as_ref()
+        .map_or_else(|| base.clone(), |a| a.version.clone())
+}
 
 /// Samples the next token of `seq` from its logits `row`.
 fn sample_next(seq: &mut Sequence, row: &[f32], eos: &[u32]) -> sampler::SampledToken {

@@ -15,6 +15,7 @@ pub mod stats;
 
 use self::core::{EngineCore, GenerationJob, PendingSwap, SchedulerConfig, ScoreJob};
 pub use self::core::{PauseMode, ScoreOutput, SwapReport};
+use crate::lora::{LoraAdapter, LoraRegistry};
 use crate::model::Model;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
@@ -78,6 +79,8 @@ enum Command {
     Pause(PauseMode, oneshot::Sender<()>),
     Resume(oneshot::Sender<()>),
     ResetPrefixCache(oneshot::Sender<()>),
+    /// A LoRA adapter changed in the registry (see `EngineCore::swap_adapter`).
+    SwapAdapter(String, PauseMode, oneshot::Sender<SwapReport>),
     /// Work to run on the engine thread between steps (see [`EngineHandle::between_steps`]).
     Background(BackgroundJob),
 }
@@ -117,6 +120,8 @@ pub struct EngineOptions {
     pub max_num_batched_tokens: Option<usize>,
     /// Most sequences running at once (default 256).
     pub max_num_seqs: Option<usize>,
+    /// The LoRA adapters requests may select (default: none).
+    pub adapters: Option<Arc<LoraRegistry>>,
 }
 
 /// Share of system memory the KV pool takes by default.
@@ -184,8 +189,11 @@ impl EngineHandle {
             "KV pool"
         );
         let version = options.weight_version.unwrap_or_else(|| "0".to_string());
-        let core = EngineCore::new(model, eos_token_ids, &version, config)
+        let mut core = EngineCore::new(model, eos_token_ids, &version, config)
             .map_err(|e| EngineError::Failed(format!("allocating the KV pool: {e}")))?;
+        if let Some(adapters) = options.adapters {
+            core.set_adapters(adapters);
+        }
         let stats = core.stats().clone();
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()
@@ -245,6 +253,17 @@ impl EngineHandle {
         .await
     }
 
+    /// Tells the engine adapter `name` changed in the registry; its running
+    /// sequences go on under `mode`. Returns once the new version serves.
+    pub async fn swap_adapter(
+        &self,
+        name: String,
+        mode: PauseMode,
+    ) -> Result<SwapReport, EngineError> {
+        self.request(|reply| Command::SwapAdapter(name, mode, reply))
+            .await
+    }
+
     /// Pauses generation; returns once the pause is in effect.
     pub async fn pause(&self, mode: PauseMode) -> Result<(), EngineError> {
         self.request(|reply| Command::Pause(mode, reply)).await
@@ -300,6 +319,16 @@ impl EngineHandle {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<GenerationStream, EngineError> {
+        self.generate_with_adapter(prompt, params, None)
+    }
+
+    /// [`EngineHandle::generate`] under a LoRA adapter (`None`: the base model).
+    pub fn generate_with_adapter(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) -> Result<GenerationStream, EngineError> {
         params.validate()?;
         self.check_tokens(&prompt)?;
         let max = self.limits.max_model_len;
@@ -323,6 +352,7 @@ impl EngineHandle {
             seed,
             budget,
             events,
+            adapter,
         };
         self.commands
             .send(Command::Generate(job))
@@ -342,6 +372,7 @@ impl EngineHandle {
         distribution: DistributionParams,
         mode: LogprobsMode,
         top_logprobs: usize,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<oneshot::Receiver<Result<ScoreOutput, EngineError>>, EngineError> {
         distribution.validate()?;
         self.check_tokens(&token_ids)?;
@@ -365,6 +396,7 @@ impl EngineHandle {
             distribution,
             mode,
             top_logprobs,
+            adapter,
         };
         self.commands
             .send(Command::Score(job, reply))
@@ -381,7 +413,7 @@ impl EngineHandle {
         mode: LogprobsMode,
     ) -> Result<Vec<f32>, EngineError> {
         let out = self
-            .score_job(token_ids, start, distribution, mode, 0)?
+            .score_job(token_ids, start, distribution, mode, 0, None)?
             .blocking_recv()
             .map_err(|_| EngineError::Stopped)??;
         Ok(out.token_logprobs)
@@ -397,7 +429,21 @@ impl EngineHandle {
         mode: LogprobsMode,
         top_logprobs: usize,
     ) -> Result<ScoreOutput, EngineError> {
-        self.score_job(token_ids, start, distribution, mode, top_logprobs)?
+        self.score_with_adapter(token_ids, start, distribution, mode, top_logprobs, None)
+            .await
+    }
+
+    /// [`EngineHandle::score`] under a LoRA adapter (`None`: the base model).
+    pub async fn score_with_adapter(
+        &self,
+        token_ids: Vec<u32>,
+        start: usize,
+        distribution: DistributionParams,
+        mode: LogprobsMode,
+        top_logprobs: usize,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) -> Result<ScoreOutput, EngineError> {
+        self.score_job(token_ids, start, distribution, mode, top_logprobs, adapter)?
             .await
             .map_err(|_| EngineError::Stopped)?
     }
@@ -426,6 +472,9 @@ fn run_loop(mut core: EngineCore, commands: mpsc::Receiver<Command>) {
             let _ = reply.send(());
         }
         Command::Background(job) => background.push_back(job),
+        Command::SwapAdapter(name, mode, reply) => {
+            let _ = reply.send(core.swap_adapter(&name, mode));
+        }
     };
     loop {
         while let Ok(cmd) = commands.try_recv() {

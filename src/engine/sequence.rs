@@ -3,6 +3,7 @@
 use super::block_pool::{chain_hash, BlockPool};
 use super::events::{EventSender, FinishReason};
 use super::params::SamplingParams;
+use crate::lora::LoraAdapter;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct Sequence {
     /// The other choices of the request, parked on choice 0 until its prompt
     /// is computed; then they fork from it instead of prefilling again.
     pub siblings: Vec<Sequence>,
+    /// The LoRA adapter (version) the sequence runs under; `None`: the base model.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Sequence {
@@ -60,6 +63,7 @@ impl Sequence {
             budget,
             events,
             siblings: Vec::new(),
+            adapter: None,
         }
     }
 
@@ -73,7 +77,16 @@ impl Sequence {
     }
 
     /// Extends the hash chain over every full block of known tokens.
+    /// A sequence with an adapter chains from a seed of its own, so its
+    /// blocks match only blocks of the same adapter version.
     pub fn hash_full_blocks(&mut self, seed: u64, block_size: usize) {
+        let seed = match &self.adapter {
+            Some(a) => chain_hash(
+                seed,
+                &[a.instance as u32, (a.instance >> 32) as u32, u32::MAX],
+            ),
+            None => seed,
+        };
         let full = self.tokens.len() / block_size;
         while self.block_hashes.len() < full {
             let i = self.block_hashes.len();

@@ -10,6 +10,8 @@ use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::paged_attention::{attend, PagedAttention, SeqSpan};
 use super::rope::RopeTables;
+use crate::lora::StepAdapters;
+use crate::weights::names::LayerModule;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -32,6 +34,8 @@ pub struct StepLayout<'a> {
     /// Pool slot of each packed token.
     pub slots: Vec<u32>,
     pub spans: Vec<SeqSpan<'a>>,
+    /// The LoRA adapter of each packed token, if any.
+    pub lora: StepAdapters<'a>,
 }
 
 impl Attention {
@@ -45,9 +49,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let tokens = x.dims()[0];
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x)?.reshape((1, tokens, nh, hd))?;
-        let mut k = self.k_proj.forward(x)?.reshape((1, tokens, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((tokens, nkv, hd))?;
+        let lora = step.lora.layer(layer);
+        let mut q = lora
+            .project(LayerModule::QProj, &self.q_proj, x)?
+            .reshape((1, tokens, nh, hd))?;
+        let mut k = lora
+            .project(LayerModule::KProj, &self.k_proj, x)?
+            .reshape((1, tokens, nkv, hd))?;
+        let v = lora
+            .project(LayerModule::VProj, &self.v_proj, x)?
+            .reshape((tokens, nkv, hd))?;
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
@@ -63,6 +74,6 @@ impl Attention {
             head_dim: hd,
         };
         let out = attend(&q, pool.keys(layer), pool.values(layer), &op)?;
-        self.o_proj.forward(&out)
+        lora.project(LayerModule::OProj, &self.o_proj, &out)
     }
 }

@@ -1,6 +1,8 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 
 use super::linear::Linear;
+use crate::lora::apply::LayerAdapters;
+use crate::weights::names::LayerModule;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -11,8 +13,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+    /// `lora` adds the step's adapters' updates to each projection.
+    pub fn forward(&self, x: &Tensor, lora: LayerAdapters<'_>) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&lora.project(LayerModule::GateProj, &self.gate, x)?)?;
+        let up = lora.project(LayerModule::UpProj, &self.up, x)?;
+        lora.project(LayerModule::DownProj, &self.down, &(gate * up)?)
     }
 }

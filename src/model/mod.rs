@@ -19,6 +19,7 @@ pub mod simd;
 pub mod skinny;
 
 use crate::config::ModelConfig;
+use crate::lora::{LoraAdapter, StepAdapters};
 use crate::weights::names::{self, layer_param, LayerModule, Part};
 use crate::weights::{ParamStore, WeightsError};
 use attention::{Attention, StepLayout};
@@ -186,6 +187,25 @@ impl Model {
     /// `pool`, and returns fp32 logits `[rows, vocab]`: the rows each segment
     /// asked for, in segment order.
     pub fn forward(&self, segments: &[Segment<'_>], pool: &KvPool) -> Result<Tensor> {
+        self.forward_with_adapters(segments, &[], pool)
+    }
+
+    /// [`Model::forward`] with a LoRA adapter per segment (`adapters` is
+    /// empty or has one entry per segment; `None` is the base model).
+    pub fn forward_with_adapters(
+        &self,
+        segments: &[Segment<'_>],
+        adapters: &[Option<&LoraAdapter>],
+        pool: &KvPool,
+    ) -> Result<Tensor> {
+        if !adapters.is_empty() && adapters.len() != segments.len() {
+            candle_core::bail!(
+                "{} adapters for {} segments",
+                adapters.len(),
+                segments.len()
+            );
+        }
+        let mut row_adapters = Vec::new();
         let bs = pool.block_size();
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -208,6 +228,9 @@ impl Model {
                 );
             }
             ids.extend_from_slice(seg.tokens);
+            if let Some(a) = adapters.get(spans.len()) {
+                row_adapters.extend(std::iter::repeat_n(*a, seg.tokens.len()));
+            }
             for p in seg.offset..end_pos {
                 positions.push(p as u32);
                 slots.push(kv_cache::slot(seg.block_table, bs, p));
@@ -233,6 +256,7 @@ impl Model {
                 .tables_for(&Tensor::from_vec(positions, n, &self.device)?)?,
             slots,
             spans,
+            lora: StepAdapters::new(row_adapters),
         };
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -240,7 +264,7 @@ impl Model {
             let h = layer.attention.forward(&h, i, &step, pool)?;
             x = (x + h)?;
             let h = layer.post_attention_norm.forward(&x)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = (&x + layer.mlp.forward(&h, step.lora.layer(i))?)?;
         }
         let rows_len = rows.len();
         if rows_len == 0 {
@@ -274,11 +298,15 @@ impl Model {
         to: usize,
         kv_dtype: DType,
         rows: usize,
+        adapter: Option<&LoraAdapter>,
         mut each: impl FnMut(usize, Tensor) -> Result<()>,
     ) -> Result<()> {
         let rows = rows.max(1);
         if to - from <= rows {
-            return each(from, self.logits_range(tokens, from, to, kv_dtype)?);
+            return each(
+                from,
+                self.logits_range_with(tokens, from, to, kv_dtype, adapter)?,
+            );
         }
         const BLOCK: usize = 16;
         let blocks = tokens.len().div_ceil(BLOCK).max(1);
@@ -289,7 +317,7 @@ impl Model {
         let (mut done, mut at) = (0, from);
         while at < to {
             let end = (at + rows).min(to);
-            let logits = self.forward(
+            let logits = self.forward_with_adapters(
                 &[Segment {
                     tokens: &tokens[done..end],
                     offset: done,
@@ -299,6 +327,7 @@ impl Model {
                         to: end - done,
                     },
                 }],
+                &[adapter],
                 &pool,
             )?;
             each(at, logits)?;
@@ -314,17 +343,30 @@ impl Model {
         to: usize,
         kv_dtype: DType,
     ) -> Result<Tensor> {
+        self.logits_range_with(tokens, from, to, kv_dtype, None)
+    }
+
+    /// [`Model::logits_range`] under a LoRA adapter (`None`: the base model).
+    pub fn logits_range_with(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        to: usize,
+        kv_dtype: DType,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
         const BLOCK: usize = 16;
         let blocks = tokens.len().div_ceil(BLOCK).max(1);
         let pool = self.new_pool(blocks, BLOCK, kv_dtype)?;
         let table: Vec<u32> = (0..blocks as u32).collect();
-        self.forward(
+        self.forward_with_adapters(
             &[Segment {
                 tokens,
                 offset: 0,
                 block_table: &table,
                 logits: LogitsFor::Range { from, to },
             }],
+            &[adapter],
             &pool,
         )
     }

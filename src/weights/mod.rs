@@ -5,7 +5,7 @@
 //! value ([`finite`]).
 
 pub mod checkpoint;
-mod convert;
+pub(crate) mod convert;
 pub mod disk;
 pub mod finite;
 pub mod header;

@@ -79,9 +79,36 @@ impl Part {
     }
 }
 
+/// The module's path in the model, e.g. `model.layers.3.self_attn.q_proj`.
+pub fn layer_module(layer: usize, module: LayerModule) -> String {
+    format!("model.layers.{layer}.{}", module.path())
+}
+
 /// The full name of one tensor of a layer module, e.g. `model.layers.3.self_attn.q_proj.weight`.
 pub fn layer_param(layer: usize, module: LayerModule, part: Part) -> String {
-    format!("model.layers.{layer}.{}.{}", module.path(), part.suffix())
+    format!("{}.{}", layer_module(layer, module), part.suffix())
+}
+
+/// Prefix PEFT puts before a base-model parameter name in an adapter file.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Which low-rank factor of a LoRA adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFactor {
+    /// `lora_A.weight`, `[r, in]`.
+    A,
+    /// `lora_B.weight`, `[out, r]`.
+    B,
+}
+
+/// PEFT's name of a LoRA factor, e.g.
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`.
+pub fn lora_param(layer: usize, module: LayerModule, factor: LoraFactor) -> String {
+    let f = match factor {
+        LoraFactor::A => "lora_A",
+        LoraFactor::B => "lora_B",
+    };
+    format!("{PEFT_PREFIX}{}.{f}.weight", layer_module(layer, module))
 }
 
 #[cfg(test)]
@@ -103,5 +130,9 @@ mod tests {
             "model.layers.1.post_attention_layernorm.weight"
         );
         assert_eq!(LayerModule::GateProj.short_name(), "gate_proj");
+        assert_eq!(
+            lora_param(2, LayerModule::UpProj, LoraFactor::B),
+            "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
+        );
     }
 }

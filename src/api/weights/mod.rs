@@ -42,7 +42,7 @@ fn parse<T: std::str::FromStr<Err = String>>(
 }
 
 /// The label after `current`: the next integer when it is one.
-fn next_version(current: &str) -> String {
+pub(crate) fn next_version(current: &str) -> String {
     match current.parse::<u64>() {
         Ok(n) => (n + 1).to_string(),
         Err(_) => format!("{current}+1"),

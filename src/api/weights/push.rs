@@ -26,6 +26,8 @@ pub struct WeightsQuery {
     version: Option<String>,
     mode: Option<String>,
     pause: Option<String>,
+    /// Push one LoRA adapter instead (see `crate::api::lora::push_adapter`).
+    adapter: Option<String>,
 }
 
 /// On the CPU, keeps what an update replaced (no longer read by the engine,
@@ -158,6 +160,21 @@ pub async fn push_weights(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    if let Ok(Query(WeightsQuery {
+        adapter: Some(name),
+        version,
+        pause,
+        ..
+    })) = &query
+    {
+        let push = crate::api::lora::AdapterPush {
+            name: name.clone(),
+            version: version.clone(),
+            pause: parse(pause.as_deref(), PauseMode::Wait, "pause")?,
+        };
+        let pushed = crate::api::lora::push_adapter(state, push, headers, body).await?;
+        return Ok(Json(json!(pushed.0)));
+    }
     let started = Instant::now();
     let options = match push_options(query) {
         Ok(options) => options,

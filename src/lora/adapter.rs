@@ -1,0 +1,195 @@
+//! One loaded LoRA adapter: per layer and projection, the factors
+//! `A [r, in]` and `B [out, r]` as fp32 host values, and the scale. An
+//! adapter is immutable; a new version is a new [`LoraAdapter`] with a new
+//! `instance`, which is what the prefix cache keys blocks by.
+
+use super::config::AdapterConfig;
+use super::LoraError;
+use crate::config::ModelConfig;
+use crate::weights::convert::convert_slice;
+use crate::weights::names::{layer_param, lora_param, LayerModule, LoraFactor, Part};
+use crate::weights::param_specs;
+use candle_core::DType;
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The factors of one adapted projection, fp32, row-major.
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    /// `[rank, in_dim]`
+    pub a: Vec<f32>,
+    /// `[out_dim, rank]`
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub name: String,
+    /// The label responses of this adapter carry as `weight_version`.
+    pub version: Arc<str>,
+    /// Unique per loaded version, in this process: never reused, so KV
+    /// computed under one version can never be served to another.
+    pub instance: u64,
+    pub config: AdapterConfig,
+    /// Where it came from (its directory, or `pushed`), for `/v1/models`.
+    pub source: String,
+    /// `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA), as the fp32 the
+    /// update is multiplied by.
+    pub scale: f32,
+    /// `[layer][index in LayerModule::PROJECTIONS]`
+    layers: Vec<[Option<LoraWeights>; 7]>,
+}
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+fn projection_index(module: LayerModule) -> Option<usize> {
+    LayerModule::PROJECTIONS.iter().position(|&m| m == module)
+}
+
+fn st_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType, LoraError> {
+    match dtype {
+        safetensors::Dtype::F32 => Ok(DType::F32),
+        safetensors::Dtype::F16 => Ok(DType::F16),
+        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        other => Err(LoraError::UnsupportedDtype {
+            tensor: name.to_string(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Why a tensor the adapter does not call for is there, as precisely as
+/// its name tells.
+fn unexpected_tensor(name: &str) -> LoraError {
+    let why = if name.contains("lora_embedding_") {
+        Some(("target_modules", "embedding adapters are not supported"))
+    } else if name.contains("lora_magnitude_vector") {
+        Some(("use_dora", "DoRA is not supported"))
+    } else {
+        None
+    };
+    match why {
+        Some((field, why)) => LoraError::Unsupported {
+            field: field.to_string(),
+            why: format!("{why} (tensor {})", crate::weights::clip(name)),
+        },
+        None => LoraError::UnknownTensor(crate::weights::clip(name)),
+    }
+}
+
+impl LoraAdapter {
+    /// Most bytes a valid adapter file of `config` on `model` can take
+    /// (fp32 factors plus a generous header), to bound what is read.
+    pub fn max_file_bytes(config: &AdapterConfig, model: &ModelConfig) -> usize {
+        let dims = projection_dims(model);
+        let values: usize = dims.values().map(|&(o, i)| config.rank * (o + i)).sum();
+        values * model.num_hidden_layers * 4 + (1 << 20)
+    }
+
+    /// Builds an adapter from a PEFT safetensors file: exactly the factors
+    /// `config` targets, each of its shape, finite.
+    pub fn from_safetensors(
+        name: &str,
+        version: &str,
+        config: AdapterConfig,
+        bytes: &[u8],
+        model: &ModelConfig,
+    ) -> Result<Self, LoraError> {
+        let file = SafeTensors::deserialize(bytes).map_err(|e| LoraError::Format(e.to_string()))?;
+        let targeted = config.targeted(model.num_hidden_layers)?;
+        let dims = projection_dims(model);
+        let mut tensors: HashMap<String, safetensors::tensor::TensorView<'_>> =
+            file.tensors().into_iter().collect();
+        let mut layers: Vec<[Option<LoraWeights>; 7]> = (0..model.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        let r = config.rank;
+        for (layer, module) in targeted {
+            let (out_dim, in_dim) = dims[&module];
+            let mut take = |factor: LoraFactor, shape: [usize; 2]| -> Result<Vec<f32>, LoraError> {
+                let tname = lora_param(layer, module, factor);
+                let view = tensors
+                    .remove(&tname)
+                    .ok_or_else(|| LoraError::MissingTensor(tname.clone()))?;
+                if view.shape() != shape {
+                    return Err(LoraError::ShapeMismatch {
+                        tensor: tname,
+                        expected: shape.to_vec(),
+                        found: view.shape().to_vec(),
+                    });
+                }
+                let dtype = st_dtype(&tname, view.dtype())?;
+                let mut out = vec![0f32; shape[0] * shape[1]];
+                if !convert_slice(view.data(), dtype, &mut out) {
+                    return Err(LoraError::NonFinite(tname));
+                }
+                Ok(out)
+            };
+            let a = take(LoraFactor::A, [r, in_dim])?;
+            let b = take(LoraFactor::B, [out_dim, r])?;
+            let slot = projection_index(module).expect("targets are projections");
+            layers[layer][slot] = Some(LoraWeights {
+                a,
+                b,
+                rank: r,
+                in_dim,
+                out_dim,
+            });
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(unexpected_tensor(extra));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            version: Arc::from(version),
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            scale: config.scale() as f32,
+            config,
+            source: String::new(),
+            layers,
+        })
+    }
+
+    /// The factors of `module` in `layer`, when the adapter targets it.
+    pub fn weights(&self, layer: usize, module: LayerModule) -> Option<&LoraWeights> {
+        let slot = projection_index(module)?;
+        self.layers.get(layer)?[slot].as_ref()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.config.rank
+    }
+
+    /// Bytes the factors take.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|w| 4 * (w.a.len() + w.b.len()))
+            .sum()
+    }
+
+    /// Projections adapted (layers times modules).
+    pub fn num_adapted(&self) -> usize {
+        self.layers.iter().flatten().flatten().count()
+    }
+}
+
+/// `(out, in)` of each projection, from the one parameter list.
+fn projection_dims(model: &ModelConfig) -> HashMap<LayerModule, (usize, usize)> {
+    let specs = param_specs(model);
+    LayerModule::PROJECTIONS
+        .iter()
+        .filter_map(|&m| {
+            let name = layer_param(0, m, Part::Weight);
+            let s = specs.iter().find(|s| s.name == name)?;
+            Some((m, (s.shape[0], s.shape[1])))
+        })
+        .collect()
+}
