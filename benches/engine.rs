@@ -191,6 +191,7 @@ impl Scenario {
             seed,
             budget: max_tokens,
             events,
+            adapter: None,
         });
     }
 

@@ -221,7 +221,7 @@ fn adapter_pushed_under_load_serves_its_new_version_and_leaves_others_alone() {
     let model = common::write_model(&common::tiny_options(Architecture::Qwen3, 32));
     let dir = adapters(2);
     let server = std::sync::Arc::new(start(model.path(), &lora_args(dir.path(), 2)));
-    const TOKENS: usize = 300;
+    const TOKENS: usize = 200;
     let clients: Vec<_> = (0..16)
         .map(|i| {
             let server = server.clone();

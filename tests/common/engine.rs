@@ -63,6 +63,7 @@ impl Run {
             budget: p.max_tokens,
             params: Arc::new(p),
             events,
+            adapter: None,
         });
     }
 
