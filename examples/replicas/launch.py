@@ -7,6 +7,7 @@ server prints `gym-serve listening on URL` on stdout once it is bound, so
 import ctypes
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,13 +29,20 @@ class Replica:
 
     def __init__(self, binary, model, host="127.0.0.1", port=0, args=(), env=None, log=None):
         command = [binary, "--model", model, "--host", host, "--port", str(port), *args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log or subprocess.DEVNULL,
-                                     text=True, env=env, preexec_fn=_die_with_parent)
+        # The server's log goes to `log` (a file), or to a temporary file so a
+        # failed start can say why.
+        self.log = log if log is not None else tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                     preexec_fn=_die_with_parent)
         line = self.proc.stdout.readline().strip()
         if not line.startswith(READY_PREFIX):
             self.proc.kill()
             self.proc.wait()
-            raise RuntimeError(f"gym-serve did not start (exit {self.proc.returncode}): {line!r}")
+            tail = ""
+            if log is None:
+                self.log.seek(0)
+                tail = self.log.read()[:2000]
+            raise RuntimeError(f"gym-serve did not start (exit {self.proc.returncode}): {line!r}\n{tail}")
         self.url = line.removeprefix(READY_PREFIX)
 
     def stop(self, timeout=30):
