@@ -68,15 +68,33 @@ class Fleet:
         return counts
 
     def push(self, weights_file, version, pause="wait"):
-        """One coordinated push of `weights_file` to every replica; returns seconds taken."""
+        """One coordinated push of `weights_file` to every replica: a single
+        two-phase `push-weights --url A --url B ...` where this build has it,
+        else one push per replica in parallel. Returns seconds taken."""
         started = time.monotonic()
-        procs = [subprocess.Popen([BIN, "push-weights", "--url", u, "--file", weights_file, "--version", version,
-                                   "--pause", pause], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for u in self.urls]
+        command = [BIN, "push-weights", "--file", weights_file, "--version", version, "--pause", pause]
+        if push_weights_takes_many_urls():
+            groups = [sum((["--url", u] for u in self.urls), [])]
+        else:
+            groups = [["--url", u] for u in self.urls]
+        procs = [subprocess.Popen(command + g, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for g in groups]
         outputs = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
         for rc, out in outputs:
             assert rc == 0, out
         return time.monotonic() - started
+
+
+_MANY_URLS = []
+
+
+def push_weights_takes_many_urls():
+    """Whether this build's `push-weights` accepts `--url` more than once."""
+    if not _MANY_URLS:
+        probe = subprocess.run([BIN, "push-weights", "--url", "http://127.0.0.1:9", "--url", "http://127.0.0.1:9",
+                                "--file", "/nonexistent"], capture_output=True, text=True)
+        _MANY_URLS.append("cannot be used multiple times" not in probe.stderr)
+    return _MANY_URLS[0]
 
 
 def router_binary():

@@ -10,18 +10,10 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fleet import BIN, CorruptingProxy, Fleet, http, make_model  # noqa: E402
-
-
-
-def _push_weights_takes_many_urls():
-    probe = subprocess.run([BIN, "push-weights", "--url", "http://127.0.0.1:9", "--url", "http://127.0.0.1:9",
-                            "--file", "/nonexistent"], capture_output=True, text=True)
-    return "cannot be used multiple times" not in probe.stderr
-
+from fleet import BIN, CorruptingProxy, Fleet, http, make_model, push_weights_takes_many_urls  # noqa: E402
 
 # Until the two-phase `push-weights --url A --url B ...` (issue 17, item 2) is in this build.
-pytestmark = pytest.mark.skipif(not _push_weights_takes_many_urls(), reason="push-weights takes one --url")
+pytestmark = pytest.mark.skipif(not push_weights_takes_many_urls(), reason="push-weights takes one --url")
 
 GREEDY = {"prompt": [1, 5, 9, 13, 17], "max_tokens": 8, "temperature": 0.0}
 
