@@ -102,7 +102,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             logprobs_mode: args.logprobs_mode,
             seed: args.seed,
         },
-        created: crate::api::generation::unix_time(),
+        created: crate::api::protocol::unix_time(),
         config: loaded.config,
         device: device_for_updates,
         weights: tokio::sync::Mutex::new(loaded.store),

@@ -139,34 +139,17 @@ pub async fn unload_lora_adapter(
 }
 
 /// One adapter's entry in `/v1/models`, as vLLM lists them.
-#[derive(Debug, Serialize)]
-pub struct AdapterModel {
-    id: String,
-    object: &'static str,
-    created: u64,
-    owned_by: &'static str,
-    root: String,
-    parent: String,
-    max_model_len: usize,
-    weight_version: String,
-}
-
-pub fn adapter_models(state: &AppState) -> Vec<AdapterModel> {
-    state
-        .lora
-        .list()
-        .into_iter()
-        .map(|a| AdapterModel {
-            id: a.name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "gym-serve",
-            root: a.source.clone(),
-            parent: state.served_model_name.clone(),
-            max_model_len: state.max_model_len(),
-            weight_version: a.version.to_string(),
-        })
-        .collect()
+pub fn adapter_card<'a>(state: &'a AppState, a: &'a LoraAdapter) -> super::protocol::ModelCard<'a> {
+    super::protocol::ModelCard {
+        id: &a.name,
+        object: "model",
+        created: state.created,
+        owned_by: "gym-serve",
+        root: &a.source,
+        max_model_len: state.max_model_len(),
+        parent: Some(&state.served_model_name),
+        weight_version: Some(&a.version),
+    }
 }
 
 /// What an adapter push answers.
