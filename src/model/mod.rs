@@ -291,6 +291,7 @@ impl Model {
     /// (all at once, 4,000 positions of a 150k vocabulary were 2.4 GB, and
     /// as much again when copied out). Ranges of up to `rows` positions run
     /// as one pass, exactly as [`Model::logits_range`].
+    #[allow(clippy::too_many_arguments)]
     pub fn logits_in_chunks(
         &self,
         tokens: &[u32],
