@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 mod convert;
+mod device_convert;
 pub mod disk;
 pub mod finite;
 pub mod header;
