@@ -63,6 +63,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             block_size: Some(args.block_size),
             max_num_batched_tokens: Some(args.max_num_batched_tokens),
             max_num_seqs: Some(args.max_num_seqs),
+            gpu_memory_utilization: Some(args.gpu_memory_utilization),
+            weights_bytes: Some(loaded.store.size_in_bytes()),
         },
     )?;
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -72,6 +74,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| model_dir.display().to_string())
     });
     let engine_stats = engine.shared_stats();
+    let engine_on_cpu = device_for_updates.is_cpu();
     let refitter = Refitter::new(
         engine.clone(),
         loaded.config,
@@ -83,10 +86,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let refits = refitter.stats();
     let limits = RequestLimits::from_args(&args.limits);
-    let memory_bytes = args
-        .limits
-        .max_memory
-        .unwrap_or_else(|| engine.limits().kv_pool_bytes.max(MIN_DEFAULT_MEMORY));
+    let memory_bytes = args.limits.max_memory.unwrap_or_else(|| {
+        // A GPU pool is not host memory: the host budget stays a fifth of RAM at most.
+        let pool = engine.limits().kv_pool_bytes;
+        let pool = if engine_on_cpu {
+            pool
+        } else {
+            pool.min(crate::engine::total_memory_bytes() / 5)
+        };
+        pool.max(MIN_DEFAULT_MEMORY)
+    });
     let memory = Arc::new(MemoryBudget::new(memory_bytes));
     let connections = Arc::new(OpenConnections::default());
     tracing::info!(

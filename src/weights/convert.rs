@@ -85,6 +85,9 @@ pub(crate) fn convert_bytes(
         }
         return Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?);
     }
+    if !device.is_cpu() {
+        return super::device_convert::convert_on_device(name, bytes, dtype, shape, run, device);
+    }
     // Checked after the conversion, on the CPU: f64 values past f32's range
     // become infinite on the way.
     let tensor = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?.to_dtype(run)?;

@@ -10,6 +10,7 @@
 pub mod check;
 pub mod checkpoint;
 mod convert;
+mod device_convert;
 pub mod disk;
 pub mod finite;
 pub mod header;
