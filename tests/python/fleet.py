@@ -44,7 +44,8 @@ class Fleet:
         self.replicas = []
         try:
             for _ in range(n):
-                self.replicas.append(Replica(BIN, model, args=["--weight-version", version, "--served-model-name", "tiny", *args]))
+                self.replicas.append(Replica(BIN, model, args=["--weight-version", version,
+                                                              "--served-model-name", "tiny", *args]))
         except BaseException:
             self.stop()
             raise
