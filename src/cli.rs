@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// (408), so a stalled upload cannot hold the weights lock.
     #[arg(long, default_value_t = 30.0, value_parser = positive_seconds, env = "GYM_SERVE_WEIGHTS_BODY_IDLE_TIMEOUT")]
     pub weights_body_idle_timeout: f64,
+    /// Seconds a staged weight update (`POST /v1/weights/stage`) waits for
+    /// its commit before it is dropped and its memory returned.
+    #[arg(long, default_value_t = 600.0, value_parser = positive_seconds, env = "GYM_SERVE_STAGED_UPDATE_TIMEOUT")]
+    pub staged_update_timeout: f64,
     /// Serve weight and control endpoints without a key on a non-loopback
     /// address (with neither --api-key nor --admin-api-key). Without this
     /// flag such a bind is refused: anyone who can reach the port could

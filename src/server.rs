@@ -8,6 +8,7 @@ use crate::api::types::SamplingDefaults;
 use crate::api::{router, AppState};
 use crate::cli::ServeArgs;
 use crate::connections::{ConnectionOptions, OpenConnections};
+use crate::engine::refit::{Refitter, RefitterOptions};
 use crate::engine::{EngineHandle, EngineOptions, PauseMode};
 use crate::loader::{run_dtype, select_device, LoadedModel};
 use anyhow::Context;
@@ -71,7 +72,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| model_dir.display().to_string())
     });
     let engine_stats = engine.shared_stats();
-    let refits = Arc::new(crate::api::weights::RefitStats::default());
+    let refitter = Refitter::new(
+        engine.clone(),
+        loaded.config,
+        device_for_updates,
+        loaded.store,
+        RefitterOptions {
+            staged_timeout: seconds(args.staged_update_timeout),
+        },
+    );
+    let refits = refitter.stats();
     let limits = RequestLimits::from_args(&args.limits);
     let memory_bytes = args
         .limits
@@ -98,15 +108,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             seed: args.seed,
         },
         created: crate::api::protocol::unix_time(),
-        config: loaded.config,
-        device: device_for_updates,
-        weights: tokio::sync::Mutex::new(loaded.store),
-        spare_weights: Default::default(),
-        push_buffers: Default::default(),
+        refitter,
         admin_api_key,
         max_weights_bytes,
         weights_body_idle: std::time::Duration::from_secs_f64(args.weights_body_idle_timeout),
-        refits: refits.clone(),
         metrics: crate::api::metrics::Metrics::new(
             engine_stats,
             refits,

@@ -9,6 +9,7 @@ pub mod core;
 pub mod events;
 pub mod logits;
 pub mod params;
+pub mod refit;
 pub mod sampler;
 pub mod sequence;
 pub mod stats;
