@@ -13,9 +13,9 @@ pub mod generation;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod protocol;
 pub mod response;
 pub mod scoring;
-pub mod stop;
 pub mod tokenize;
 pub mod tools;
 pub mod types;
@@ -31,7 +31,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use body::{BodyBounds, BodyLimit};
 use error::ApiError;
-use serde_json::json;
 use std::sync::Arc;
 use types::SamplingDefaults;
 
@@ -46,18 +45,8 @@ pub struct AppState {
     pub tool_call_parser: ToolCallParser,
     pub defaults: SamplingDefaults,
     pub created: u64,
-    /// The served model's shape, for validating weight updates.
-    pub config: crate::config::ModelConfig,
-    pub device: candle_core::Device,
-    /// The served parameters. The lock also serializes weight updates.
-    pub weights: tokio::sync::Mutex<crate::weights::ParamStore>,
-    /// On the CPU, the tensors the last weight update replaced, which nothing
-    /// reads any more: the next push converts into their memory instead of
-    /// allocating (a fresh allocation's page faults cost as much as the
-    /// conversion). Touched only while `weights` is locked.
-    pub spare_weights: std::sync::Mutex<std::collections::HashMap<String, candle_core::Tensor>>,
-    /// A push's receive buffers, kept for the next push for the same reason.
-    pub push_buffers: crate::weights::stream::BufferPool,
+    /// Owns weight updates: the served parameters, staging, the swap.
+    pub refitter: crate::engine::refit::Refitter,
     /// Required on weight and control endpoints when set: `--admin-api-key`,
     /// else `--api-key` (see `auth::admin_key`).
     pub admin_api_key: Option<String>,
@@ -66,7 +55,6 @@ pub struct AppState {
     /// Longest wait for the next bytes of a weight update's body; a
     /// stalled upload is cut so it cannot hold the weights lock.
     pub weights_body_idle: std::time::Duration,
-    pub refits: Arc<weights::RefitStats>,
     pub metrics: metrics::Metrics,
     pub limits: limits::RequestLimits,
     /// Host memory requests may reserve (`--max-memory`).
@@ -164,20 +152,28 @@ async fn health() -> &'static str {
 
 async fn not_found(uri: axum::http::Uri) -> Response {
     tracing::warn!(status = 404, path = %uri.path().chars().take(200).collect::<String>(), "no such route");
-    let body = json!({"error": {"message": format!("no route for {uri}"), "type": "NotFoundError", "param": null, "code": 404}});
+    let body = protocol::ErrorBody {
+        error: protocol::ErrorDetail {
+            message: format!("no route for {uri}"),
+            kind: "NotFoundError",
+            param: None,
+            code: 404,
+        },
+    };
     (axum::http::StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "gym-serve",
-            "root": state.model_root,
-            "max_model_len": state.max_model_len(),
-        }]
-    }))
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(protocol::ModelList {
+        object: "list",
+        data: [protocol::ModelCard {
+            id: &state.served_model_name,
+            object: "model",
+            created: state.created,
+            owned_by: "gym-serve",
+            root: &state.model_root,
+            max_model_len: state.max_model_len(),
+        }],
+    })
+    .into_response()
 }
