@@ -85,8 +85,11 @@ pub async fn load_adapter(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Re
     if state.lora.get(name).is_some() {
         return Err(refused(name, LoraError::AlreadyLoaded));
     }
-    let (config, limits, owned_name) =
-        (state.config.clone(), state.lora.limits(), name.to_string());
+    let (config, limits, owned_name) = (
+        state.refitter.model_config().clone(),
+        state.lora.limits(),
+        name.to_string(),
+    );
     let shown = crate::weights::shown(&dir);
     let mut adapter = tokio::task::spawn_blocking(move || {
         read_adapter_dir(&owned_name, &dir, LOADED_VERSION, &config, limits)
@@ -232,10 +235,10 @@ pub async fn push_adapter(
         .map_err(|e| refused(&name, e))?;
     let version = push.version.clone().unwrap_or_else(|| {
         current.as_ref().map_or("1".to_string(), |c| {
-            super::weights::next_version(&c.version)
+            crate::engine::refit::next_version(&c.version)
         })
     });
-    let model = state.config.clone();
+    let model = state.refitter.model_config().clone();
     let (n, v, len) = (name.clone(), version.clone(), bytes.len());
     let adapter = tokio::task::spawn_blocking(move || {
         LoraAdapter::from_safetensors(&n, &v, config, &bytes, &model)

@@ -9,11 +9,15 @@
 pub mod attention;
 pub mod blas;
 pub mod cpu_threads;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device_kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod paged_attention;
+pub mod paged_meta;
 pub mod rope;
 pub mod simd;
 pub mod skinny;
@@ -257,6 +261,7 @@ impl Model {
             slots,
             spans,
             lora: StepAdapters::new(row_adapters),
+            device_meta: Default::default(),
         };
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {

@@ -44,7 +44,8 @@ class Fleet:
         self.replicas = []
         try:
             for _ in range(n):
-                self.replicas.append(Replica(BIN, model, args=["--weight-version", version, "--served-model-name", "tiny", *args]))
+                self.replicas.append(Replica(BIN, model, args=["--weight-version", version,
+                                                              "--served-model-name", "tiny", *args]))
         except BaseException:
             self.stop()
             raise
@@ -151,9 +152,9 @@ def version_spans(response):
 
 class CorruptingProxy:
     """A loopback TCP proxy to one replica that flips one byte inside the first
-    large request body of each connection (a weight push), and passes
-    everything else through: the replica behind it gets a corrupt body while
-    the others get the one the client sent."""
+    large request body it forwards (a weight push), and passes everything else
+    through: the replica behind it gets a corrupt body while the others get the
+    one the client sent."""
 
     LARGE = 100_000
 
@@ -165,6 +166,7 @@ class CorruptingProxy:
         self.listener.listen(16)
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.corrupted = 0
+        self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -177,24 +179,32 @@ class CorruptingProxy:
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
+    def _flip_offset(self, buf, base):
+        """Scan request heads in `buf` (stream offset `base`); the offset of the
+        byte to flip once a large body starts, else None and what to keep."""
+        while (end := buf.find(b"\r\n\r\n")) >= 0:
+            head = buf[:end]
+            length = re.search(rb"(?i)\ncontent-length:\s*(\d+)", head)
+            chunked = re.search(rb"(?i)\ntransfer-encoding:\s*chunked", head)
+            if chunked or (length and int(length.group(1)) > self.LARGE):
+                return base + end + 4 + 4096, b"", base
+            buf, base = buf[end + 4:], base + end + 4
+        keep = buf[-65536:]
+        return None, keep, base + len(buf) - len(keep)
+
     def _pipe(self, src, dst, corrupt):
-        seen = b""  # the first request's head and the start of its body
-        flip_at = None
-        offset = 0
+        buf, base, offset, flip_at = b"", 0, 0, None
         try:
             while chunk := src.recv(65536):
-                if corrupt and flip_at is None and len(seen) < 65536:
-                    seen += chunk
-                    head_end = seen.find(b"\r\n\r\n")
-                    if head_end >= 0:
-                        length = re.search(rb"(?i)content-length:\s*(\d+)", seen[:head_end])
-                        big = length is None or int(length.group(1)) > self.LARGE  # chunked bodies are pushes
-                        flip_at = head_end + 4 + 4096 if big else -1
-                if flip_at is not None and flip_at >= 0 and offset <= flip_at < offset + len(chunk):
-                    chunk = bytearray(chunk)
-                    chunk[flip_at - offset] ^= 0xFF
-                    chunk = bytes(chunk)
-                    self.corrupted += 1
+                if corrupt and flip_at is None:
+                    flip_at, buf, base = self._flip_offset(buf + chunk, base)
+                if flip_at is not None and offset <= flip_at < offset + len(chunk):
+                    with self.lock:
+                        if not self.corrupted:
+                            chunk = bytearray(chunk)
+                            chunk[flip_at - offset] ^= 0xFF
+                            chunk = bytes(chunk)
+                        self.corrupted += 1
                 offset += len(chunk)
                 dst.sendall(chunk)
         except OSError:

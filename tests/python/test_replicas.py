@@ -172,8 +172,8 @@ def run_fleet(checkpoints, route):
         assert [b - a for a, b in zip(before, fleet.chat_counts())] == expected
         t1 = time.monotonic()
         crossed = check_versions(log, pusher.pushes, checkpoints)
-        print(f'sessions {t1 - t0:.1f}s, check {time.monotonic() - t1:.1f}s, pushes', [round(f - s, 2) for _, s, f in pusher.pushes])
-        print(f"{len(log)} responses, {len(pusher.pushes)} pushes, {crossed} crossed a push, homes {expected}")
+        print(f"{len(log)} responses, {crossed} crossed a push, turns per replica {expected}; sessions {t1 - t0:.1f} s,"
+              f" check {time.monotonic() - t1:.1f} s, push seconds {[round(f - s, 2) for _, s, f in pusher.pushes]}")
         return home
     finally:
         if stop:
