@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use gym_serve::config::{Architecture, ModelConfig};
 use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
 use gym_serve::engine::{DistributionParams, EngineEvent, SamplingParams};
-use gym_serve::fixtures::{config_json, random_weights, Preset};
+use gym_serve::make_model::{config_json, random_weights, Preset};
 use gym_serve::model::{blas, skinny, Model};
 use gym_serve::weights::ParamStore;
 use std::sync::Arc;

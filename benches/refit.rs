@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use gym_serve::config::{Architecture, ModelConfig};
-use gym_serve::fixtures::{make_model, random_weights, MakeModelOptions, Preset};
+use gym_serve::make_model::{make_model, random_weights, MakeModelOptions, Preset};
 use gym_serve::weights::stream::{BufferPool, StreamingUpdate};
 use gym_serve::weights::{ParamStore, UpdateMode};
 use std::collections::HashMap;

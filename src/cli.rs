@@ -4,7 +4,7 @@
 use crate::chat::parsers::{ReasoningParser, ToolCallParser};
 use crate::config::Architecture;
 use crate::engine::LogprobsMode;
-use crate::fixtures::Preset;
+use crate::make_model::Preset;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 

@@ -2,8 +2,8 @@ use anyhow::Context;
 use clap::Parser;
 use gym_serve::cli::{Cli, Command, DTypeArg, GenerateArgs, MakeModelArgs, ServeArgs};
 use gym_serve::engine::{DistributionParams, EngineHandle, SamplingParams};
-use gym_serve::fixtures::{make_model, MakeModelOptions};
 use gym_serve::loader::{run_dtype, select_device, LoadedModel};
+use gym_serve::make_model::{make_model, MakeModelOptions};
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
@@ -24,16 +24,16 @@ fn main() -> anyhow::Result<()> {
         Some(Command::MakeModel(args)) => run_make_model(args),
         Some(Command::Generate(args)) => run_generate(args),
         Some(Command::Serve(args)) => run_serve(args),
-        Some(Command::PushWeights(args)) => gym_serve::push::push_weights(args),
-        Some(Command::Bench(args)) => gym_serve::bench::bench(args),
+        Some(Command::PushWeights(args)) => gym_serve::client::push::push_weights(args),
+        Some(Command::Bench(args)) => gym_serve::client::bench::bench(args),
         Some(Command::Validate(args)) => {
-            let target = gym_serve::validate::Target::new(
+            let target = gym_serve::client::validate::Target::new(
                 &args.url,
                 args.model,
                 args.api_key,
                 args.admin_api_key,
             )?;
-            if gym_serve::validate::run(&target, args.weights.as_deref()) {
+            if gym_serve::client::validate::run(&target, args.weights.as_deref()) {
                 Ok(())
             } else {
                 anyhow::bail!("validation failed")

@@ -114,7 +114,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             logprobs_mode: args.logprobs_mode,
             seed: args.seed,
         },
-        created: crate::api::generation::unix_time(),
+        created: crate::api::protocol::unix_time(),
         refitter,
         replica_id: replica_id.clone(),
         admin_api_key,

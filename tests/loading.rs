@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use gym_serve::config::{Architecture, ModelConfig};
-use gym_serve::fixtures::random_weights;
 use gym_serve::loader::LoadedModel;
+use gym_serve::make_model::random_weights;
 use gym_serve::model::Model;
 use gym_serve::weights::checkpoint::{read_checkpoint, write_checkpoint};
 use gym_serve::weights::ParamStore;

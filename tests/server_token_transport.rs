@@ -287,4 +287,90 @@ fn stop_strings_cut_the_text_and_keep_the_tokens_that_made_it() {
     let cut_ids = ids(&c["generation_token_ids"]);
     assert!(all_ids.starts_with(&cut_ids) && cut_ids.len() < all_ids.len());
     assert_eq!(floats(&c["generation_log_probs"]).len(), cut_ids.len());
+    // A stream holds back what could still become the stop string: its
+    // text adds up to the cut text, never to more.
+    with_stop["stream"] = json!(true);
+    let chunks = server.stream("/v1/completions", &with_stop);
+    assert_eq!(streamed_text(&chunks, "text"), cut_text);
+}
+
+/// The concatenated `field` of every choice-0 event (`text`, or a chat
+/// delta's `content` / `reasoning_content`).
+fn streamed_text(chunks: &[Value], field: &str) -> String {
+    chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .filter(|c| c["index"] == 0)
+        .filter_map(|c| c.get(field).or_else(|| c["delta"].get(field)))
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A 4,000-token answer: its text, streamed or not, is the one-shot decode
+/// of its tokens (the text stage decodes a bounded window per token), and a
+/// chat stream's reasoning and content deltas add up to the parsed message.
+#[test]
+fn long_generations_decode_like_a_one_shot_decode() {
+    let dir = common::write_model(&common::tiny_options(
+        gym_serve::config::Architecture::Qwen3,
+        57,
+    ));
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--reasoning-parser",
+            "qwen3",
+            "--tool-call-parser",
+            "hermes",
+        ],
+    );
+    let n = 4000;
+    let text_body = json!({"prompt": "Once", "max_tokens": n, "seed": 3, "ignore_eos": true,
+                           "skip_special_tokens": false});
+    let chat_body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": n,
+                           "seed": 4, "ignore_eos": true, "temperature": 1.0,
+                           "chat_template_kwargs": {"enable_thinking": true}});
+    let streamed = |mut b: Value| {
+        b["stream"] = json!(true);
+        b
+    };
+    // Run together, so the engine batches them.
+    let (full, stream, chat, chat_stream) = std::thread::scope(|s| {
+        let full = s.spawn(|| server.ok("/v1/completions", &text_body));
+        let stream = s.spawn(|| server.stream("/v1/completions", &streamed(text_body.clone())));
+        let chat = s.spawn(|| server.ok("/v1/chat/completions", &chat_body));
+        let chat_stream =
+            s.spawn(|| server.stream("/v1/chat/completions", &streamed(chat_body.clone())));
+        (
+            full.join().unwrap(),
+            stream.join().unwrap(),
+            chat.join().unwrap(),
+            chat_stream.join().unwrap(),
+        )
+    });
+    let choice = &full["choices"][0];
+    let tokens = ids(&choice["generation_token_ids"]);
+    assert_eq!(tokens.len(), n);
+    let one_shot = server.ok("/detokenize", &json!({"tokens": tokens}))["prompt"].clone();
+    assert_eq!(choice["text"], one_shot);
+    assert_eq!(json!(streamed_text(&stream, "text")), one_shot);
+
+    let message = &chat["choices"][0]["message"];
+    assert_eq!(ids(&message["generation_token_ids"]).len(), n);
+    let last = chat_stream
+        .iter()
+        .rev()
+        .find(|c| !c["choices"].as_array().unwrap().is_empty())
+        .unwrap();
+    assert_eq!(
+        last["choices"][0]["delta"]["generation_token_ids"],
+        message["generation_token_ids"]
+    );
+    let content = message["content"].as_str().unwrap_or("");
+    assert_eq!(streamed_text(&chat_stream[1..], "content"), content);
+    let reasoning = message["reasoning_content"].as_str().unwrap_or("");
+    assert_eq!(
+        streamed_text(&chat_stream[1..], "reasoning_content"),
+        reasoning
+    );
 }

@@ -3,40 +3,24 @@
 
 use super::admission::{RequestShape, Reservation};
 use super::error::ApiError;
-use super::generation::sse_response;
-use super::generation::{
-    finite_logprobs, response_id, unix_time, usage, ChatLogprobs, ChoiceState, Progress,
-    ResponseMeter, Runner, TokenFormat,
-};
+use super::generation::{sse_response, ChoiceState, Progress, ResponseMeter, Runner};
 use super::json::{from_body, ApiJson};
-use super::response::{buffered_json, Finite};
+use super::protocol::chat::{
+    ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChatMessage, ChunkChoice, ChunkDelta,
+    FunctionCall, RoleChoice, RoleDelta, ToolCall, CHAT_COMPLETION, CHAT_COMPLETION_CHUNK,
+};
+use super::protocol::request::{ChatRequest, SamplingRequest};
+use super::protocol::{response_id, unix_time, Finite, TokenFormat, Usage};
+use super::response::buffered_json;
 use super::tools::{checked_tools, tool_use, ToolUse};
-use super::types::{explicit_null, normalize_messages, SamplingRequest};
+use super::types::normalize_messages;
 use super::AppState;
 use crate::chat::parsers::{parse_output, ParsedOutput, ReasoningParser, ToolCallParser};
+use crate::chat::text_output::{ChatDelta, ChatStreamText};
 use axum::extract::State;
 use axum::response::Response;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
-
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    messages: Vec<Value>,
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
-    #[serde(default)]
-    logprobs: Option<bool>,
-    #[serde(default, deserialize_with = "explicit_null")]
-    top_logprobs: Option<Option<usize>>,
-    add_generation_prompt: Option<bool>,
-    chat_template_kwargs: Option<Map<String, Value>>,
-    required_prefix_token_ids: Option<Vec<u32>>,
-    /// Read separately from the same body (not `flatten`, which loses field
-    /// names in errors).
-    #[serde(skip)]
-    sampling: SamplingRequest,
-}
 
 /// Everything a response needs to know besides the generated tokens.
 struct ChatPlan {
@@ -55,8 +39,8 @@ pub async fn chat_completions(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let mut req: ChatRequest = from_body(&body)?;
-    req.sampling = from_body(&body)?;
-    state.check_model(req.sampling.model.as_deref())?;
+    let sampling: SamplingRequest = from_body(&body)?;
+    state.check_model(sampling.model.as_deref())?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = match req.top_logprobs {
         Some(None) if want_logprobs => {
@@ -78,11 +62,9 @@ pub async fn chat_completions(
         &req.chat_template_kwargs.clone().unwrap_or_default(),
         req.required_prefix_token_ids.as_deref(),
     )?;
-    let params = req
-        .sampling
-        .sampling_params(top_logprobs, state.defaults, &state.limits)?;
-    let stop = req.sampling.stop_matcher(&state.limits)?;
-    let streaming = req.sampling.stream.unwrap_or(false);
+    let params = sampling.sampling_params(top_logprobs, state.defaults, &state.limits)?;
+    let stop = sampling.stop_matcher(&state.limits)?;
+    let streaming = sampling.stream.unwrap_or(false);
     let meter = (!streaming).then(|| {
         Arc::new(ResponseMeter::new(
             state.limits.max_response_bytes,
@@ -106,7 +88,7 @@ pub async fn chat_completions(
         .memory
         .reserve(shape.cost(state.limits.max_response_bytes))
         .await?;
-    let options = req.sampling.run_options(&params, stop, meter);
+    let options = sampling.run_options(&params, stop, meter);
     let stream = state.engine.generate(prompt.clone(), params)?;
     let runner = Runner::new(state.clone(), prompt, stream, options);
     let plan = ChatPlan {
@@ -114,16 +96,15 @@ pub async fn chat_completions(
         created: unix_time(),
         want_logprobs,
         format: TokenFormat {
-            as_token_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
+            as_token_ids: sampling.return_tokens_as_token_ids.unwrap_or(false),
         },
-        return_token_ids: req.sampling.return_token_ids.unwrap_or(false),
+        return_token_ids: sampling.return_token_ids.unwrap_or(false),
         reasoning: state.reasoning_parser,
         tools: match tool_use {
             ToolUse::Auto => state.tool_call_parser,
             ToolUse::Off => ToolCallParser::None,
         },
-        include_usage: req
-            .sampling
+        include_usage: sampling
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage),
@@ -145,18 +126,19 @@ fn min_token_bytes(logprobs: bool, top_logprobs: usize) -> usize {
     }
 }
 
-fn tool_calls_json(parsed: &ParsedOutput) -> Vec<Value> {
+fn tool_calls(parsed: &ParsedOutput) -> Vec<ToolCall<'_>> {
     parsed
         .tool_calls
         .iter()
         .enumerate()
-        .map(|(i, call)| {
-            json!({
-                "id": response_id("call"),
-                "index": i,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments},
-            })
+        .map(|(index, call)| ToolCall {
+            id: response_id("call"),
+            index,
+            kind: "function",
+            function: FunctionCall {
+                name: &call.name,
+                arguments: &call.arguments,
+            },
         })
         .collect()
 }
@@ -169,64 +151,20 @@ fn finish_reason(choice: &ChoiceState, parsed: &ParsedOutput) -> Option<&'static
     }
 }
 
-fn logprobs_json(
-    state: &AppState,
-    c: &ChoiceState,
+/// The choice's `logprobs` for `range` of its tokens, if the request asked.
+fn logprobs<'a>(
+    state: &'a AppState,
+    c: &'a ChoiceState,
     range: std::ops::Range<usize>,
     plan: &ChatPlan,
-) -> Value {
-    if !plan.want_logprobs {
-        return Value::Null;
-    }
-    serde_json::to_value(ChatLogprobs {
-        state,
-        choice: c,
-        range,
+) -> Option<ChatLogprobs<'a>> {
+    plan.want_logprobs.then(|| ChatLogprobs {
+        tokenizer: &state.chat.tokenizer,
+        token_ids: &c.token_ids[range.clone()],
+        logprobs: &c.logprobs[range.clone()],
+        top_logprobs: &c.top_logprobs[range],
         format: plan.format,
     })
-    .unwrap_or(Value::Null)
-}
-
-#[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: Option<&'a str>,
-    tool_calls: Vec<Value>,
-    prompt_token_ids: &'a [u32],
-    generation_token_ids: &'a [u32],
-    generation_log_probs: Finite<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct ChatChoice<'a> {
-    index: usize,
-    message: ChatMessage<'a>,
-    logprobs: Option<ChatLogprobs<'a>>,
-    finish_reason: Option<&'static str>,
-    stop_reason: &'a Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token_ids: Option<&'a [u32]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    weight_versions: Option<Value>,
-}
-
-#[derive(Serialize)]
-struct ChatBody<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: Vec<ChatChoice<'a>>,
-    usage: Value,
-    weight_version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt_token_ids: Option<&'a [u32]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    weight_versions: Option<Value>,
 }
 
 async fn full_response(
@@ -242,7 +180,7 @@ async fn full_response(
         let parsed: Vec<ParsedOutput> = runner
             .choices
             .iter()
-            .map(|c| parse_output(&c.text, plan.reasoning, plan.tools, false))
+            .map(|c| parse_output(c.text(), plan.reasoning, plan.tools, false))
             .collect();
         let choices = runner
             .choices
@@ -255,19 +193,14 @@ async fn full_response(
                     role: "assistant",
                     content: (!parsed.content.is_empty() || parsed.tool_calls.is_empty())
                         .then_some(parsed.content.as_str()),
-                    tool_calls: tool_calls_json(parsed),
+                    tool_calls: tool_calls(parsed),
                     prompt_token_ids: &runner.prompt,
                     generation_token_ids: &c.token_ids,
                     generation_log_probs: Finite(&c.logprobs),
                     reasoning_content: parsed.reasoning.as_deref(),
                     reasoning: parsed.reasoning.as_deref(),
                 },
-                logprobs: plan.want_logprobs.then_some(ChatLogprobs {
-                    state,
-                    choice: c,
-                    range: 0..c.token_ids.len(),
-                    format: plan.format,
-                }),
+                logprobs: logprobs(state, c, 0..c.token_ids.len(), &plan),
                 finish_reason: finish_reason(c, parsed),
                 stop_reason: &c.stop_reason,
                 token_ids: plan.return_token_ids.then_some(c.token_ids.as_slice()),
@@ -275,13 +208,13 @@ async fn full_response(
             })
             .collect();
         let completion_tokens = runner.choices.iter().map(|c| c.token_ids.len()).sum();
-        out.write(&ChatBody {
+        out.write(&ChatCompletion {
             id: &plan.id,
-            object: "chat.completion",
+            object: CHAT_COMPLETION,
             created: plan.created,
             model: &state.served_model_name,
             choices,
-            usage: usage(runner.prompt.len(), completion_tokens),
+            usage: Usage::new(runner.prompt.len(), completion_tokens),
             weight_version: runner.version(),
             prompt_token_ids: plan.return_token_ids.then_some(runner.prompt.as_slice()),
             weight_versions: runner.version_spans(),
@@ -290,82 +223,60 @@ async fn full_response(
     .await
 }
 
-/// What a stream has already sent of one choice's parsed text.
-#[derive(Default, Clone)]
-struct Sent {
-    reasoning: usize,
-    content: usize,
-}
-
-/// The text `now` adds beyond the `sent` bytes already streamed, if it only grew.
-fn growth(now: &str, sent: &mut usize) -> Option<String> {
-    if now.len() > *sent && now.is_char_boundary(*sent) {
-        let delta = now[*sent..].to_string();
-        *sent = now.len();
-        Some(delta)
-    } else {
-        None
+fn chunk<'a, C>(
+    plan: &'a ChatPlan,
+    state: &'a AppState,
+    version: &'a str,
+    choices: Vec<C>,
+) -> ChatChunk<'a, C> {
+    ChatChunk {
+        id: &plan.id,
+        object: CHAT_COMPLETION_CHUNK,
+        created: plan.created,
+        model: &state.served_model_name,
+        choices,
+        weight_version: version,
+        usage: None,
     }
 }
 
-fn chunk(plan: &ChatPlan, state: &AppState, version: &str, choices: Vec<Value>) -> Value {
-    json!({
-        "id": plan.id,
-        "object": "chat.completion.chunk",
-        "created": plan.created,
-        "model": state.served_model_name,
-        "choices": choices,
-        "weight_version": version,
-    })
-}
-
-fn progress_chunk(
-    state: &AppState,
-    runner: &Runner,
+/// The chunk choice for what `p` added; `delta` is its text's share.
+fn progress_choice<'a>(
+    state: &'a AppState,
+    runner: &'a Runner,
     plan: &ChatPlan,
     p: &Progress,
-    sent: &mut Sent,
-) -> Value {
+    delta: &'a ChatDelta,
+) -> ChunkChoice<'a> {
     let c = &runner.choices[p.choice];
-    let parsed = parse_output(&c.text, plan.reasoning, plan.tools, !p.finished);
-    let mut delta = Map::new();
-    if let Some(r) = parsed
-        .reasoning
-        .as_deref()
-        .and_then(|r| growth(r, &mut sent.reasoning))
-    {
-        delta.insert("reasoning_content".into(), json!(r));
-        delta.insert("reasoning".into(), json!(r));
-    }
-    if let Some(text) = growth(&parsed.content, &mut sent.content) {
-        delta.insert("content".into(), json!(text));
-    }
-    let mut choice = json!({
-        "index": p.choice,
-        "logprobs": logprobs_json(state, c, p.new_tokens.clone(), plan),
-        "finish_reason": Value::Null,
-    });
-    if plan.return_token_ids {
-        choice["token_ids"] = json!(c.token_ids[p.new_tokens.clone()]);
-    }
-    if p.finished {
+    let mut choice = ChunkChoice {
+        index: p.choice,
+        logprobs: logprobs(state, c, p.new_tokens.clone(), plan),
+        finish_reason: None,
+        token_ids: plan
+            .return_token_ids
+            .then(|| &c.token_ids[p.new_tokens.clone()]),
+        stop_reason: None,
+        weight_versions: None,
+        delta: ChunkDelta {
+            reasoning_content: delta.reasoning.as_deref(),
+            reasoning: delta.reasoning.as_deref(),
+            content: delta.content.as_deref(),
+            ..ChunkDelta::default()
+        },
+    };
+    if let Some(parsed) = &delta.finished {
         if !parsed.tool_calls.is_empty() {
-            delta.insert("tool_calls".into(), json!(tool_calls_json(&parsed)));
+            choice.delta.tool_calls = Some(tool_calls(parsed));
         }
-        delta.insert("prompt_token_ids".into(), json!(runner.prompt));
-        delta.insert("generation_token_ids".into(), json!(c.token_ids));
-        delta.insert(
-            "generation_log_probs".into(),
-            json!(finite_logprobs(&c.logprobs)),
-        );
-        choice["finish_reason"] = json!(finish_reason(c, &parsed));
-        choice["stop_reason"] = c.stop_reason.clone();
-        if let Some(spans) = c.version_spans() {
-            choice["weight_versions"] = spans;
-        }
+        choice.delta.prompt_token_ids = Some(&runner.prompt);
+        choice.delta.generation_token_ids = Some(&c.token_ids);
+        choice.delta.generation_log_probs = Some(Finite(&c.logprobs));
+        choice.finish_reason = finish_reason(c, parsed);
+        choice.stop_reason = Some(&c.stop_reason);
+        choice.weight_versions = c.version_spans();
     }
-    choice["delta"] = Value::Object(delta);
-    chunk(plan, state, &runner.version(), vec![choice])
+    choice
 }
 
 fn stream_response(
@@ -378,38 +289,55 @@ fn stream_response(
     tokio::spawn(async move {
         // Held until the stream ends.
         let _reservation = reservation;
-        let send = |v: Value| sse.send(v);
         let n = runner.choices.len();
-        let first: Vec<Value> = (0..n)
-            .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+        let first: Vec<RoleChoice> = (0..n)
+            .map(|index| RoleChoice {
+                index,
+                delta: RoleDelta {
+                    role: "assistant",
+                    content: "",
+                },
+                logprobs: None,
+                finish_reason: None,
+            })
             .collect();
-        if !send(chunk(&plan, &state, &runner.version(), first)).await {
+        if !sse
+            .send(&chunk(&plan, &state, &runner.version(), first))
+            .await
+        {
             return;
         }
-        let mut sent = vec![Sent::default(); n];
+        let mut texts = vec![ChatStreamText::new(plan.reasoning, plan.tools); n];
         loop {
             match runner.next().await {
                 Ok(Some(p)) => {
-                    let body = progress_chunk(&state, &runner, &plan, &p, &mut sent[p.choice]);
-                    runner.choices[p.choice].forget_alternatives(p.new_tokens.clone());
+                    let c = &runner.choices[p.choice];
+                    let delta = texts[p.choice].delta(&c.output, p.finished);
+                    let version = runner.version();
+                    let choice = progress_choice(&state, &runner, &plan, &p, &delta);
                     // A closed channel means the client left: dropping the
                     // runner cancels its sequences in the engine.
-                    if !send(body).await {
+                    if !sse
+                        .send(&chunk(&plan, &state, &version, vec![choice]))
+                        .await
+                    {
                         return;
                     }
+                    runner.choices[p.choice].forget_alternatives(p.new_tokens.clone());
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = send(e.body()).await;
+                    let _ = sse.send(&e.body()).await;
                     break;
                 }
             }
         }
         if plan.include_usage {
             let completion = runner.choices.iter().map(|c| c.token_ids.len()).sum();
-            let mut last = chunk(&plan, &state, &runner.version(), Vec::new());
-            last["usage"] = usage(runner.prompt.len(), completion);
-            if !send(last).await {
+            let version = runner.version();
+            let mut last: ChatChunk<'_, RoleChoice> = chunk(&plan, &state, &version, Vec::new());
+            last.usage = Some(Usage::new(runner.prompt.len(), completion));
+            if !sse.send(&last).await {
                 return;
             }
         }

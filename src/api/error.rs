@@ -1,13 +1,13 @@
 //! Every error an endpoint can answer with, mapped once to an HTTP status and
 //! an OpenAI error body `{"error": {"message", "type", "param", "code"}}`.
 
+use super::protocol::{ErrorBody, ErrorDetail};
 use crate::chat::ChatError;
 use crate::engine::refit::RefitError;
 use crate::engine::EngineError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -116,15 +116,15 @@ impl ApiError {
     }
 
     /// The JSON error body (also sent as an SSE event when a stream fails).
-    pub fn body(&self) -> serde_json::Value {
-        json!({
-            "error": {
-                "message": self.to_string(),
-                "type": self.kind(),
-                "param": self.param(),
-                "code": self.status().as_u16(),
-            }
-        })
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.status().as_u16(),
+            },
+        }
     }
 }
 

@@ -1,70 +1,51 @@
-//! Running one prompt through the engine for an HTTP response: collecting each
-//! choice's tokens and log-probs, detokenizing incrementally, applying stop
-//! strings, and formatting the per-token `logprobs` entries.
+//! Running one prompt through the engine for an HTTP response: collecting
+//! each choice's tokens, log-probs and weight versions, and feeding its text
+//! stage (`chat::text_output`: incremental detokenization, stop strings).
 
 use super::error::ApiError;
-use super::stop::StopMatcher;
+use super::protocol::{StopReason, VersionRun, WeightSpans};
 use super::AppState;
+use crate::chat::text_output::{TextOptions, TextOutput};
 use crate::engine::{EngineError, EngineEvent, FinishReason, GenerationStream};
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Tokens a choice may go without forming complete UTF-8 before its text
-/// is taken as it is (a character spans at most 4 byte tokens; a model
-/// emitting invalid bytes must not make every later decode longer).
-const MAX_PENDING_TOKENS: usize = 8;
-
-/// vLLM's stand-in for a log-prob JSON cannot carry (-inf).
-const NEG_INF_LOGPROB: f32 = -9999.0;
-
-pub fn finite(lp: f32) -> f32 {
-    if lp.is_finite() {
-        lp
-    } else {
-        NEG_INF_LOGPROB
-    }
-}
-
-/// A log-prob as the JSON number clients have always read: the f32's exact
-/// value as an f64 (`-7.066963195800781`, not the shortest f32 `-7.066963`,
-/// which a Python float reads as a different number).
-pub fn finite_f64(lp: f32) -> f64 {
-    f64::from(finite(lp))
-}
-
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct ChoiceState {
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<f32>,
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
-    /// Decoded text so far (cut at a matched stop string).
-    pub text: String,
+    /// The text so far (cut at a matched stop string).
+    pub output: TextOutput,
     pub finish_reason: Option<&'static str>,
     /// The stop string or stop token ID that ended the choice.
-    pub stop_reason: Value,
-    /// Weight version of each run of tokens: (version, start, end), end exclusive.
-    pub versions: Vec<(Arc<str>, usize, usize)>,
-    /// Incremental detokenization: `token_ids[prefix_offset..read_offset]`
-    /// were the last tokens turned into text; they are decoded again in
-    /// front of the new ones for context (leading-space rules), and only
-    /// what the new ones add is appended.
-    prefix_offset: usize,
-    read_offset: usize,
-}
-
-fn spans_json(spans: &[(Arc<str>, usize, usize)]) -> Value {
-    spans
-        .iter()
-        .map(|(v, start, end)| json!({"version": &**v, "start": start, "end": end}))
-        .collect()
+    pub stop_reason: StopReason,
+    /// Weight version of each run of tokens.
+    pub versions: Vec<VersionRun>,
 }
 
 impl ChoiceState {
+    fn new(text: &TextOptions) -> Self {
+        Self {
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            output: TextOutput::new(text),
+            finish_reason: None,
+            stop_reason: StopReason::None,
+            versions: Vec::new(),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        self.output.text()
+    }
+
     /// `weight_versions` spans, or `None` if every token came from one version.
-    pub fn version_spans(&self) -> Option<Value> {
-        (self.versions.len() > 1).then(|| spans_json(&self.versions))
+    pub fn version_spans(&self) -> Option<WeightSpans<'_>> {
+        (self.versions.len() > 1).then_some(WeightSpans(&self.versions))
     }
 }
 
@@ -76,9 +57,7 @@ pub struct Progress {
 }
 
 pub struct RunOptions {
-    pub stop: Option<Arc<StopMatcher>>,
-    pub include_stop_str_in_output: bool,
-    pub skip_special_tokens: bool,
+    pub text: TextOptions,
     pub stop_token_ids: Vec<u32>,
     /// Bounds a buffered response while it is generated (`None` for streams).
     pub meter: Option<Arc<ResponseMeter>>,
@@ -139,12 +118,13 @@ impl Runner {
         options: RunOptions,
     ) -> Self {
         let n = stream.n();
+        let choices = vec![ChoiceState::new(&options.text); n];
         Self {
             state,
             stream,
             options,
             prompt,
-            choices: vec![ChoiceState::default(); n],
+            choices,
             weight_version: None,
             started: std::time::Instant::now(),
             last_token: vec![None; n],
@@ -212,7 +192,7 @@ impl Runner {
                     c.finish_reason = Some(f.as_str());
                     if f == FinishReason::Stop && self.options.stop_token_ids.contains(&event.token)
                     {
-                        c.stop_reason = json!(event.token);
+                        c.stop_reason = StopReason::TokenId(event.token);
                     }
                 }
             }
@@ -226,53 +206,15 @@ impl Runner {
         Ok(None)
     }
 
-    /// Appends what the choice's newest tokens add to its text, then looks
-    /// for a stop string in the part of the text they could have completed:
-    /// both in time independent of the text's length (decoding the whole
-    /// text and scanning it for every stop string after every token made a
-    /// long response quadratic).
+    /// Feeds the choice's newest token to its text stage; a stop string
+    /// it completes ends the choice.
     fn update_text(&mut self, i: usize) -> Result<(), ApiError> {
         let tokenizer = &self.state.chat.tokenizer;
-        let skip = self.options.skip_special_tokens;
         let c = &mut self.choices[i];
         let finished = c.finish_reason.is_some();
-        let searched = c.text.len();
-        let context = tokenizer.decode(&c.token_ids[c.prefix_offset..c.read_offset], skip)?;
-        let window = tokenizer.decode(&c.token_ids[c.prefix_offset..], skip)?;
-        let pending = c.token_ids.len() - c.read_offset;
-        // A token may end inside a UTF-8 character: wait for the rest.
-        if window.ends_with('\u{FFFD}') && !finished && pending < MAX_PENDING_TOKENS {
-            return Ok(());
-        }
-        match window.strip_prefix(context.as_str()) {
-            Some(added) => c.text.push_str(added),
-            None => c.text = tokenizer.decode(&c.token_ids, skip)?,
-        }
-        c.prefix_offset = c.read_offset;
-        c.read_offset = c.token_ids.len();
-        let mut from = searched;
-        if finished {
-            // The final text is the whole decode, exactly as a one-shot
-            // decode gives it; it is searched once more in full.
-            let whole = tokenizer.decode(&c.token_ids, skip)?;
-            if whole != c.text {
-                c.text = whole;
-                from = 0;
-            }
-        }
-        let Some(stop) = &self.options.stop else {
-            return Ok(());
-        };
-        if let Some(hit) = stop.find_new(&c.text, from.min(c.text.len())) {
-            let s = stop.stop(hit.index);
-            let end = if self.options.include_stop_str_in_output {
-                hit.at + s.len()
-            } else {
-                hit.at
-            };
-            c.text.truncate(end);
+        if let Some(stop) = c.output.update(tokenizer, &c.token_ids, finished)? {
             c.finish_reason = Some("stop");
-            c.stop_reason = json!(s);
+            c.stop_reason = StopReason::Text(stop);
             self.stream.cancel_choice(i);
         }
         Ok(())
@@ -295,103 +237,12 @@ impl Runner {
 
     /// Top-level `weight_versions`: the spans of choice 0 when any choice
     /// crossed an update (each choice also carries its own).
-    pub fn version_spans(&self) -> Option<Value> {
+    pub fn version_spans(&self) -> Option<WeightSpans<'_>> {
         if self.choices.iter().all(|c| c.versions.len() <= 1) {
             return None;
         }
-        self.choices.first().map(|c| spans_json(&c.versions))
+        self.choices.first().map(|c| WeightSpans(&c.versions))
     }
-}
-
-/// How a token is named in `logprobs` entries.
-#[derive(Clone, Copy)]
-pub struct TokenFormat {
-    pub as_token_ids: bool,
-}
-
-pub fn token_name(state: &AppState, id: u32, format: TokenFormat) -> String {
-    if format.as_token_ids {
-        format!("token_id:{id}")
-    } else {
-        state
-            .chat
-            .tokenizer
-            .decode(&[id], false)
-            .unwrap_or_default()
-    }
-}
-
-/// One OpenAI chat `logprobs.content` entry, serialized straight from the
-/// choice's state (`top_logprobs` left out on the alternatives themselves).
-pub struct ChatLogprobEntry<'a> {
-    pub state: &'a AppState,
-    pub id: u32,
-    pub logprob: f32,
-    /// `None` for an alternative.
-    pub top: Option<&'a [(u32, f32)]>,
-    pub format: TokenFormat,
-}
-
-impl serde::Serialize for ChatLogprobEntry<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(if self.top.is_some() { 4 } else { 3 }))?;
-        m.serialize_entry("token", &token_name(self.state, self.id, self.format))?;
-        m.serialize_entry("logprob", &finite_f64(self.logprob))?;
-        m.serialize_entry("bytes", &self.state.chat.tokenizer.token_bytes(self.id))?;
-        if let Some(top) = self.top {
-            let alternatives = top.iter().map(|&(id, logprob)| ChatLogprobEntry {
-                state: self.state,
-                id,
-                logprob,
-                top: None,
-                format: self.format,
-            });
-            m.serialize_entry(
-                "top_logprobs",
-                &super::response::SeqWith(|| alternatives.clone()),
-            )?;
-        }
-        m.end()
-    }
-}
-
-/// A choice's chat `logprobs` object (`{"content": [...]}`) for `range` of
-/// its tokens.
-pub struct ChatLogprobs<'a> {
-    pub state: &'a AppState,
-    pub choice: &'a ChoiceState,
-    pub range: Range<usize>,
-    pub format: TokenFormat,
-}
-
-impl serde::Serialize for ChatLogprobs<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let c = self.choice;
-        let entries = self.range.clone().map(|i| ChatLogprobEntry {
-            state: self.state,
-            id: c.token_ids[i],
-            logprob: c.logprobs[i],
-            top: Some(&c.top_logprobs[i]),
-            format: self.format,
-        });
-        let mut m = s.serialize_map(Some(1))?;
-        m.serialize_entry("content", &super::response::SeqWith(|| entries.clone()))?;
-        m.end()
-    }
-}
-
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    })
-}
-
-pub fn finite_logprobs(lps: &[f32]) -> Vec<f32> {
-    lps.iter().copied().map(finite).collect()
 }
 
 impl ChoiceState {
@@ -404,18 +255,6 @@ impl ChoiceState {
     }
 }
 
-/// A random response ID with the given prefix (`chatcmpl`, `cmpl`).
-pub fn response_id(prefix: &str) -> String {
-    format!("{prefix}-{:032x}", rand::random::<u128>())
-}
-
-pub fn unix_time() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The sending side of a server-sent-events response.
 pub struct SseSender(
     tokio::sync::mpsc::Sender<Result<axum::response::sse::Event, std::convert::Infallible>>,
@@ -423,8 +262,15 @@ pub struct SseSender(
 
 impl SseSender {
     /// Sends one `data:` event; false once the client has gone away.
-    pub async fn send(&self, v: Value) -> bool {
-        let event = axum::response::sse::Event::default().data(v.to_string());
+    pub async fn send<T: Serialize>(&self, body: &T) -> bool {
+        let data = match serde_json::to_string(body) {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::error!(error = %e, "serializing a stream event");
+                return false;
+            }
+        };
+        let event = axum::response::sse::Event::default().data(data);
         self.0.send(Ok(event)).await.is_ok()
     }
 

@@ -13,9 +13,9 @@ pub mod generation;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod protocol;
 pub mod response;
 pub mod scoring;
-pub mod stop;
 pub mod tokenize;
 pub mod tools;
 pub mod types;
@@ -31,7 +31,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use body::{BodyBounds, BodyLimit};
 use error::ApiError;
-use serde_json::json;
 use std::sync::Arc;
 use types::SamplingDefaults;
 
@@ -159,20 +158,28 @@ async fn health() -> &'static str {
 
 async fn not_found(uri: axum::http::Uri) -> Response {
     tracing::warn!(status = 404, path = %uri.path().chars().take(200).collect::<String>(), "no such route");
-    let body = json!({"error": {"message": format!("no route for {uri}"), "type": "NotFoundError", "param": null, "code": 404}});
+    let body = protocol::ErrorBody {
+        error: protocol::ErrorDetail {
+            message: format!("no route for {uri}"),
+            kind: "NotFoundError",
+            param: None,
+            code: 404,
+        },
+    };
     (axum::http::StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "gym-serve",
-            "root": state.model_root,
-            "max_model_len": state.max_model_len(),
-        }]
-    }))
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(protocol::ModelList {
+        object: "list",
+        data: [protocol::ModelCard {
+            id: &state.served_model_name,
+            object: "model",
+            created: state.created,
+            owned_by: "gym-serve",
+            root: &state.model_root,
+            max_model_len: state.max_model_len(),
+        }],
+    })
+    .into_response()
 }

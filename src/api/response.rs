@@ -10,7 +10,7 @@ use super::error::ApiError;
 use axum::body::{Body, Bytes};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use serde::ser::{Serialize, SerializeSeq, Serializer};
+use serde::Serialize;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -115,32 +115,5 @@ impl http_body::Body for Held {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
-    }
-}
-
-/// Log-probs as JSON numbers, -inf as vLLM's -9999.0, without a copy.
-pub struct Finite<'a>(pub &'a [f32]);
-
-impl Serialize for Finite<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for &lp in self.0 {
-            seq.serialize_element(&super::generation::finite_f64(lp))?;
-        }
-        seq.end()
-    }
-}
-
-/// A sequence serialized from an iterator made on demand.
-pub struct SeqWith<F>(pub F);
-
-impl<F, I> Serialize for SeqWith<F>
-where
-    F: Fn() -> I,
-    I: Iterator,
-    I::Item: Serialize,
-{
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq((self.0)())
     }
 }

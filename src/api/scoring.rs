@@ -3,30 +3,19 @@
 
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::protocol::request::ScoreRequest;
+use super::protocol::ScoreResponse;
 use super::AppState;
-use crate::engine::{DistributionParams, LogprobsMode};
+use crate::engine::DistributionParams;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
 use std::sync::Arc;
-
-#[derive(Debug, Deserialize)]
-pub struct LogprobsRequest {
-    model: Option<String>,
-    token_ids: Vec<u32>,
-    start: usize,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    min_p: Option<f32>,
-    logprobs_mode: Option<LogprobsMode>,
-}
 
 pub async fn logprobs(
     State(state): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<LogprobsRequest>,
-) -> Result<Json<Value>, ApiError> {
+    ApiJson(req): ApiJson<ScoreRequest>,
+) -> Result<Response, ApiError> {
     state.check_model(req.model.as_deref())?;
     let distribution = DistributionParams {
         temperature: req.temperature.unwrap_or(1.0),
@@ -46,13 +35,14 @@ pub async fn logprobs(
         .score(req.token_ids, req.start, distribution, mode, 0)
         .await?;
     // A token outside the sampling distribution has probability 0: null in JSON.
-    let lps: Vec<Option<f32>> = out
+    let token_logprobs = out
         .token_logprobs
         .iter()
-        .map(|l| l.is_finite().then_some(*l))
+        .map(|l| l.is_finite().then(|| f64::from(*l)))
         .collect();
-    Ok(Json(json!({
-        "token_logprobs": lps,
-        "weight_version": &*out.weight_version,
-    })))
+    Ok(Json(ScoreResponse {
+        token_logprobs,
+        weight_version: &out.weight_version,
+    })
+    .into_response())
 }

@@ -4,31 +4,19 @@
 
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::protocol::request::{DetokenizeRequest, TokenizeRequest};
+use super::protocol::{DetokenizeResponse, TokenizeResponse};
 use super::tools::checked_tools;
 use super::types::normalize_messages;
 use super::AppState;
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
 use std::sync::Arc;
-
-#[derive(Debug, Deserialize)]
-pub struct TokenizeRequest {
-    model: Option<String>,
-    prompt: Option<String>,
-    messages: Option<Vec<Value>>,
-    tools: Option<Value>,
-    add_generation_prompt: Option<bool>,
-    add_special_tokens: Option<bool>,
-    chat_template_kwargs: Option<Map<String, Value>>,
-    required_prefix_token_ids: Option<Vec<u32>>,
-}
 
 pub async fn tokenize(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<TokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenizeResponse>, ApiError> {
     state.check_model(req.model.as_deref())?;
     let tokens = match (req.messages, req.prompt) {
         (Some(mut messages), _) => {
@@ -67,24 +55,18 @@ pub async fn tokenize(
         .iter()
         .map(|&t| state.chat.tokenizer.id_to_token(t).unwrap_or_default())
         .collect();
-    Ok(Json(json!({
-        "count": tokens.len(),
-        "max_model_len": state.max_model_len(),
-        "tokens": tokens,
-        "token_strs": token_strs,
-    })))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct DetokenizeRequest {
-    model: Option<String>,
-    tokens: Vec<u32>,
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.max_model_len(),
+        tokens,
+        token_strs,
+    }))
 }
 
 pub async fn detokenize(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<DetokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DetokenizeResponse>, ApiError> {
     state.check_model(req.model.as_deref())?;
     let vocab = state.engine.limits().vocab_size;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -94,5 +76,5 @@ pub async fn detokenize(
         ));
     }
     let prompt = state.chat.tokenizer.decode(&req.tokens, false)?;
-    Ok(Json(json!({ "prompt": prompt })))
+    Ok(Json(DetokenizeResponse { prompt }))
 }

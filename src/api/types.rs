@@ -1,69 +1,15 @@
-//! Request fields shared by the generation endpoints, and their conversion to
-//! engine [`SamplingParams`].
+//! The generation endpoints' shared request fields turned into engine
+//! [`SamplingParams`] and text options, and chat messages normalized.
 
 use super::error::ApiError;
 use super::generation::{ResponseMeter, RunOptions};
 use super::limits::RequestLimits;
-use super::stop::StopMatcher;
+use super::protocol::request::{SamplingRequest, StopField};
+use crate::chat::stop::StopMatcher;
+use crate::chat::text_output::TextOptions;
 use crate::engine::{DistributionParams, LogprobsMode, SamplingParams};
-use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use std::sync::Arc;
-
-/// `stop`: one string or a list of them.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum StopField {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
-}
-
-/// Distinguishes a field sent as `null` (`Some(None)`) from one left out (`None`).
-pub fn explicit_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
-}
-
-/// Sampling and output fields common to chat and text completions (OpenAI
-/// names plus vLLM's extensions). Unknown fields are ignored, as vLLM does.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct SamplingRequest {
-    pub model: Option<String>,
-    pub n: Option<usize>,
-    pub max_tokens: Option<usize>,
-    pub max_completion_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub min_tokens: Option<usize>,
-    pub seed: Option<u64>,
-    pub stop: Option<StopField>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub ignore_eos: Option<bool>,
-    pub logprobs_mode: Option<LogprobsMode>,
-    pub return_tokens_as_token_ids: Option<bool>,
-    pub return_token_ids: Option<bool>,
-    pub skip_special_tokens: Option<bool>,
-    pub include_stop_str_in_output: Option<bool>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    // Known OpenAI/vLLM fields the sampler does not implement: accepted only
-    // at their neutral values, so nobody gets silently different sampling.
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub logit_bias: Option<serde_json::Map<String, Value>>,
-}
 
 /// Server-wide defaults a request falls back on.
 #[derive(Debug, Clone, Copy)]
@@ -107,9 +53,11 @@ impl SamplingRequest {
         meter: Option<Arc<ResponseMeter>>,
     ) -> RunOptions {
         RunOptions {
-            stop,
-            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
-            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            text: TextOptions {
+                stop,
+                include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
+                skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            },
             stop_token_ids: params.stop_token_ids.clone(),
             meter,
         }

@@ -1,10 +1,15 @@
-//! Text side of the engine: the tokenizer, the chat template, and turning a
-//! conversation into prompt token IDs.
+//! Text side of the engine: the tokenizer, the chat template, turning a
+//! conversation into prompt token IDs, and turning generated tokens back
+//! into text (`text_output`: detokenizer, stop strings, output parsers).
 
+pub mod detokenizer;
 pub mod parsers;
+pub mod partial_parse;
 pub mod python_json;
 pub mod splice;
+pub mod stop;
 pub mod template;
+pub mod text_output;
 pub mod tokenizer;
 
 use crate::config::ModelConfig;

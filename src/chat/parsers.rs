@@ -23,9 +23,9 @@ pub enum ToolCallParser {
     Hermes,
 }
 
-const THINK_START: &str = "<think>";
-const THINK_END: &str = "</think>";
-const TOOL_START: &str = "<tool_call>";
+pub(super) const THINK_START: &str = "<think>";
+pub(super) const THINK_END: &str = "</think>";
+pub(super) const TOOL_START: &str = "<tool_call>";
 const TOOL_END: &str = "</tool_call>";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -43,7 +43,7 @@ pub struct ParsedOutput {
 }
 
 /// Length of the longest suffix of `text` that could start one of `tags`.
-fn partial_tag_len(text: &str, tags: &[&str]) -> usize {
+pub(super) fn partial_tag_len(text: &str, tags: &[&str]) -> usize {
     tags.iter()
         .flat_map(|tag| (1..tag.len()).rev().map(move |n| &tag[..n]))
         .filter(|p| text.ends_with(p))
@@ -52,12 +52,8 @@ fn partial_tag_len(text: &str, tags: &[&str]) -> usize {
         .unwrap_or(0)
 }
 
-pub fn parse_output(
-    text: &str,
-    reasoning: ReasoningParser,
-    tools: ToolCallParser,
-    partial: bool,
-) -> ParsedOutput {
+/// The tags a partial parse holds back a half-written copy of.
+pub(super) fn partial_tags(reasoning: ReasoningParser, tools: ToolCallParser) -> Vec<&'static str> {
     let mut tags = Vec::new();
     if reasoning == ReasoningParser::Qwen3 {
         tags.extend([THINK_START, THINK_END]);
@@ -65,6 +61,16 @@ pub fn parse_output(
     if tools == ToolCallParser::Hermes {
         tags.push(TOOL_START);
     }
+    tags
+}
+
+pub fn parse_output(
+    text: &str,
+    reasoning: ReasoningParser,
+    tools: ToolCallParser,
+    partial: bool,
+) -> ParsedOutput {
+    let tags = partial_tags(reasoning, tools);
     let text = if partial {
         &text[..text.len() - partial_tag_len(text, &tags)]
     } else {

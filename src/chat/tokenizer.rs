@@ -16,10 +16,6 @@ impl TextTokenizer {
         Ok(Self { inner })
     }
 
-    pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
-        Self { inner }
-    }
-
     /// Applies `add_bos_token` / `add_eos_token` the way transformers 5 does:
     /// when `tokenizer_config.json` sets either, or `tokenizer.json` has no
     /// post-processor, the post-processor becomes `[bos] $A [eos]` with each

@@ -318,11 +318,6 @@ impl ModelConfig {
             None => self.max_position_embeddings,
         }
     }
-
-    /// Query heads that share one key/value head.
-    pub fn group_size(&self) -> usize {
-        self.num_attention_heads / self.num_key_value_heads
-    }
 }
 
 #[cfg(test)]

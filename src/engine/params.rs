@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Which distribution reported log-probs are taken from (CONTRACT.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogprobsMode {
     /// The distribution the token was sampled from: temperature, min-p, top-k,
@@ -12,19 +12,6 @@ pub enum LogprobsMode {
     Processed,
     /// `log_softmax` of the model's logits.
     Raw,
-}
-
-impl std::str::FromStr for LogprobsMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "processed" => Ok(Self::Processed),
-            "raw" => Ok(Self::Raw),
-            other => Err(format!(
-                "unknown logprobs mode {other:?} (expected processed or raw)"
-            )),
-        }
-    }
 }
 
 /// The parts of [`SamplingParams`] that shape the sampling distribution; also

@@ -19,6 +19,7 @@ pub mod simd;
 pub mod skinny;
 
 use crate::config::ModelConfig;
+use crate::weights::names::{self, layer_param, LayerModule, Part};
 use crate::weights::{ParamStore, WeightsError};
 use attention::{Attention, StepLayout};
 use candle_core::{DType, Device, Result, Tensor};
@@ -86,74 +87,56 @@ impl Model {
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let get = |name: &str| store.get(name).cloned();
-        let bias =
-            |name: String, present: bool| -> std::result::Result<Option<Tensor>, WeightsError> {
-                if present {
-                    get(&name).map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let proj = |name: &str, has_bias: bool| -> std::result::Result<Linear, WeightsError> {
-                Ok(Linear::new(
-                    get(&format!("{p}.{name}.weight"))?,
-                    bias(format!("{p}.{name}.bias"), has_bias)?,
-                ))
+            let weight = |module| get(&layer_param(i, module, Part::Weight));
+            let norm = |module| -> std::result::Result<RmsNorm, WeightsError> {
+                Ok(RmsNorm::new(weight(module)?, config.rms_norm_eps))
+            };
+            let proj = |module, has_bias: bool| -> std::result::Result<Linear, WeightsError> {
+                let bias = if has_bias {
+                    Some(get(&layer_param(i, module, Part::Bias))?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(weight(module)?, bias))
             };
             let qk_norm = if config.qk_norm {
-                Some((
-                    RmsNorm::new(
-                        get(&format!("{p}.self_attn.q_norm.weight"))?,
-                        config.rms_norm_eps,
-                    ),
-                    RmsNorm::new(
-                        get(&format!("{p}.self_attn.k_norm.weight"))?,
-                        config.rms_norm_eps,
-                    ),
-                ))
+                Some((norm(LayerModule::QNorm)?, norm(LayerModule::KNorm)?))
             } else {
                 None
             };
             layers.push(DecoderLayer {
-                input_norm: RmsNorm::new(
-                    get(&format!("{p}.input_layernorm.weight"))?,
-                    config.rms_norm_eps,
-                ),
+                input_norm: norm(LayerModule::InputNorm)?,
                 attention: Attention {
-                    q_proj: proj("self_attn.q_proj", config.qkv_bias)?,
-                    k_proj: proj("self_attn.k_proj", config.qkv_bias)?,
-                    v_proj: proj("self_attn.v_proj", config.qkv_bias)?,
-                    o_proj: proj("self_attn.o_proj", config.o_bias)?,
+                    q_proj: proj(LayerModule::QProj, config.qkv_bias)?,
+                    k_proj: proj(LayerModule::KProj, config.qkv_bias)?,
+                    v_proj: proj(LayerModule::VProj, config.qkv_bias)?,
+                    o_proj: proj(LayerModule::OProj, config.o_bias)?,
                     qk_norm,
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
                 },
-                post_attention_norm: RmsNorm::new(
-                    get(&format!("{p}.post_attention_layernorm.weight"))?,
-                    config.rms_norm_eps,
-                ),
+                post_attention_norm: norm(LayerModule::PostAttentionNorm)?,
                 mlp: Mlp {
-                    gate: proj("mlp.gate_proj", config.mlp_bias)?,
-                    up: proj("mlp.up_proj", config.mlp_bias)?,
-                    down: proj("mlp.down_proj", config.mlp_bias)?,
+                    gate: proj(LayerModule::GateProj, config.mlp_bias)?,
+                    up: proj(LayerModule::UpProj, config.mlp_bias)?,
+                    down: proj(LayerModule::DownProj, config.mlp_bias)?,
                 },
             });
         }
-        let embed_tokens = get("model.embed_tokens.weight")?;
+        let embed_tokens = get(names::EMBED_TOKENS)?;
         let lm_head = if config.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None)
         } else {
-            Linear::new(get("lm_head.weight")?, None)
+            Linear::new(get(names::LM_HEAD)?, None)
         };
         Ok(Self {
             config: std::sync::Arc::new(config.clone()),
             embed_tokens,
             layers,
-            norm: RmsNorm::new(get("model.norm.weight")?, config.rms_norm_eps),
+            norm: RmsNorm::new(get(names::FINAL_NORM)?, config.rms_norm_eps),
             lm_head,
             rope: RotaryEmbedding::new(config, store.dtype(), device)?,
             device: device.clone(),

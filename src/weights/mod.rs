@@ -1,4 +1,4 @@
-//! Model parameters: the names and shapes a config calls for ([`spec`]), the
+//! Model parameters: their names ([`names`]), the names and shapes a config calls for ([`spec`]), the
 //! store that holds them ([`store`]), safetensors I/O ([`checkpoint`],
 //! [`header`]), and updates: checked by name, shape and dtype ([`check`]),
 //! staged from a body as it streams in ([`stream`]) or from a checkpoint
@@ -13,6 +13,7 @@ mod convert;
 pub mod disk;
 pub mod finite;
 pub mod header;
+pub mod names;
 pub mod spec;
 pub mod store;
 pub mod stream;

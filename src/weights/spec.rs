@@ -3,6 +3,7 @@
 //! Loading, `make-model` and (later) hot updates all check tensors against this
 //! one list, so a name or shape is spelled in exactly one place.
 
+use super::names::{layer_param, LayerModule, Part, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use crate::config::ModelConfig;
 
 /// What a parameter is, which decides how `make-model` initialises it.
@@ -33,68 +34,72 @@ fn spec(name: String, shape: &[usize], kind: ParamKind) -> ParamSpec {
 
 /// Every parameter the model reads, in checkpoint order.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
+    use LayerModule::*;
     use ParamKind::*;
     let h = cfg.hidden_size;
     let q_dim = cfg.num_attention_heads * cfg.head_dim;
     let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
-    let mut out = vec![spec(
-        "model.embed_tokens.weight".into(),
-        &[cfg.vocab_size, h],
-        Matrix,
-    )];
+    let m = cfg.intermediate_size;
+    let mut out = vec![spec(EMBED_TOKENS.into(), &[cfg.vocab_size, h], Matrix)];
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        out.push(spec(format!("{p}.input_layernorm.weight"), &[h], NormScale));
-        for (proj, rows) in [("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)] {
-            out.push(spec(
-                format!("{p}.self_attn.{proj}.weight"),
-                &[rows, h],
-                Matrix,
-            ));
-            if cfg.qkv_bias {
-                out.push(spec(format!("{p}.self_attn.{proj}.bias"), &[rows], Bias));
-            }
-        }
         out.push(spec(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[h, q_dim],
-            Matrix,
-        ));
-        if cfg.o_bias {
-            out.push(spec(format!("{p}.self_attn.o_proj.bias"), &[h], Bias));
-        }
-        if cfg.qk_norm {
-            out.push(spec(
-                format!("{p}.self_attn.q_norm.weight"),
-                &[cfg.head_dim],
-                NormScale,
-            ));
-            out.push(spec(
-                format!("{p}.self_attn.k_norm.weight"),
-                &[cfg.head_dim],
-                NormScale,
-            ));
-        }
-        out.push(spec(
-            format!("{p}.post_attention_layernorm.weight"),
+            layer_param(i, InputNorm, Part::Weight),
             &[h],
             NormScale,
         ));
-        let m = cfg.intermediate_size;
-        for (proj, shape) in [
-            ("gate_proj", [m, h]),
-            ("up_proj", [m, h]),
-            ("down_proj", [h, m]),
-        ] {
-            out.push(spec(format!("{p}.mlp.{proj}.weight"), &shape, Matrix));
-            if cfg.mlp_bias {
-                out.push(spec(format!("{p}.mlp.{proj}.bias"), &shape[..1], Bias));
+        let projections = [
+            (QProj, [q_dim, h], cfg.qkv_bias),
+            (KProj, [kv_dim, h], cfg.qkv_bias),
+            (VProj, [kv_dim, h], cfg.qkv_bias),
+            (OProj, [h, q_dim], cfg.o_bias),
+        ];
+        push_projections(&mut out, i, &projections);
+        if cfg.qk_norm {
+            for module in [QNorm, KNorm] {
+                out.push(spec(
+                    layer_param(i, module, Part::Weight),
+                    &[cfg.head_dim],
+                    NormScale,
+                ));
             }
         }
+        out.push(spec(
+            layer_param(i, PostAttentionNorm, Part::Weight),
+            &[h],
+            NormScale,
+        ));
+        let projections = [
+            (GateProj, [m, h], cfg.mlp_bias),
+            (UpProj, [m, h], cfg.mlp_bias),
+            (DownProj, [h, m], cfg.mlp_bias),
+        ];
+        push_projections(&mut out, i, &projections);
     }
-    out.push(spec("model.norm.weight".into(), &[h], NormScale));
+    out.push(spec(FINAL_NORM.into(), &[h], NormScale));
     if !cfg.tie_word_embeddings {
-        out.push(spec("lm_head.weight".into(), &[cfg.vocab_size, h], Matrix));
+        out.push(spec(LM_HEAD.into(), &[cfg.vocab_size, h], Matrix));
     }
     out
+}
+
+/// A projection's weight `[out, in]` and, when the config has one, its bias `[out]`.
+fn push_projections(
+    out: &mut Vec<ParamSpec>,
+    layer: usize,
+    projections: &[(LayerModule, [usize; 2], bool)],
+) {
+    for &(module, shape, has_bias) in projections {
+        out.push(spec(
+            layer_param(layer, module, Part::Weight),
+            &shape,
+            ParamKind::Matrix,
+        ));
+        if has_bias {
+            out.push(spec(
+                layer_param(layer, module, Part::Bias),
+                &shape[..1],
+                ParamKind::Bias,
+            ));
+        }
+    }
 }

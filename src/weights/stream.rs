@@ -381,8 +381,8 @@ mod tests {
     use super::*;
 
     fn stage() -> StreamingUpdate {
-        let shape = crate::fixtures::Preset::Tiny.shape(crate::config::Architecture::Qwen3);
-        let json = crate::fixtures::config_json(&shape, 1, 2).to_string();
+        let shape = crate::make_model::Preset::Tiny.shape(crate::config::Architecture::Qwen3);
+        let json = crate::make_model::config_json(&shape, 1, 2).to_string();
         let cfg = ModelConfig::from_json(&json).unwrap();
         StreamingUpdate::new(
             &cfg,

@@ -8,8 +8,8 @@ pub mod server;
 
 use candle_core::{DType, Device};
 use gym_serve::config::Architecture;
-use gym_serve::fixtures::{make_model, MakeModelOptions, Preset};
 use gym_serve::loader::LoadedModel;
+use gym_serve::make_model::{make_model, MakeModelOptions, Preset};
 use std::path::Path;
 use tempfile::TempDir;
 

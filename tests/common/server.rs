@@ -44,6 +44,16 @@ impl Server {
         }
     }
 
+    /// Gives each request `secs` instead of two minutes (long generations
+    /// on the unoptimized test build).
+    pub fn with_timeout(mut self, secs: u64) -> Server {
+        self.http = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(secs))
+            .build()
+            .unwrap();
+        self
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -76,7 +76,7 @@ mod tests {
             ),
         ] {
             let e = parse::<PushQuery>(Some(query)).unwrap_err();
-            let body = e.body();
+            let body = serde_json::to_value(e.body()).unwrap();
             assert_eq!(body["error"]["param"], param, "{body}");
             let message = body["error"]["message"].as_str().unwrap();
             assert!(

@@ -45,6 +45,11 @@ impl StopMatcher {
         &self.stops[index]
     }
 
+    /// Bytes of the longest stop string.
+    pub fn longest(&self) -> usize {
+        self.longest
+    }
+
     /// The first stop string in `text` that ends after byte `old_len` (the
     /// text before was already searched and held none).
     pub fn find_new(&self, text: &str, old_len: usize) -> Option<StopHit> {

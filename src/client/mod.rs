@@ -1,0 +1,6 @@
+//! The client commands: programs that talk HTTP to a running server (ours or
+//! any server claiming the contract). They share no state with the engine.
+
+pub mod bench;
+pub mod push;
+pub mod validate;

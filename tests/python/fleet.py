@@ -1,0 +1,210 @@
+"""Test helpers for many gym-serve replicas on loopback: start them, push
+weights to all of them, read their versions and request counts, run
+vllm-router in front of them, and check a response's versions against
+reference servers."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "replicas"))
+from launch import Replica, wait_healthy  # noqa: E402
+
+BIN = os.environ.get("GYM_SERVE_BIN", "target/debug/gym-serve")
+
+
+def http(method, url, body=None, headers=None, timeout=120):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{method} {url} -> {e.code}: {e.read()[:500]!r}") from None
+    return json.loads(raw) if raw and not raw.startswith(b"#") else raw.decode()
+
+
+def make_model(out_dir, seed):
+    subprocess.run([BIN, "make-model", "--out", out_dir, "--seed", str(seed)], check=True, capture_output=True)
+    return out_dir
+
+
+class Fleet:
+    """N replicas of one checkpoint, each on its own ephemeral loopback port."""
+
+    def __init__(self, model, n, version="v0", args=()):
+        self.replicas = []
+        try:
+            for _ in range(n):
+                self.replicas.append(Replica(BIN, model, args=["--weight-version", version, "--served-model-name", "tiny", *args]))
+        except BaseException:
+            self.stop()
+            raise
+        self.urls = [r.url for r in self.replicas]
+        wait_healthy(self.urls)
+
+    def stop(self):
+        for r in self.replicas:
+            r.stop()
+
+    def versions(self):
+        return [http("GET", f"{u}/get_weight_version")["weight_version"] for u in self.urls]
+
+    def chat_counts(self):
+        """Successful chat completions each replica has answered (from /metrics)."""
+        pattern = re.compile(r'gym_serve_http_requests_total\{endpoint="/v1/chat/completions",status="200"\} (\d+)')
+        counts = []
+        for u in self.urls:
+            m = pattern.search(http("GET", f"{u}/metrics"))
+            counts.append(int(m.group(1)) if m else 0)
+        return counts
+
+    def push(self, weights_file, version, pause="wait"):
+        """One coordinated push of `weights_file` to every replica: a single
+        two-phase `push-weights --url A --url B ...` where this build has it,
+        else one push per replica in parallel. Returns seconds taken."""
+        started = time.monotonic()
+        command = [BIN, "push-weights", "--file", weights_file, "--version", version, "--pause", pause]
+        if push_weights_takes_many_urls():
+            groups = [sum((["--url", u] for u in self.urls), [])]
+        else:
+            groups = [["--url", u] for u in self.urls]
+        procs = [subprocess.Popen(command + g, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for g in groups]
+        outputs = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+        for rc, out in outputs:
+            assert rc == 0, out
+        return time.monotonic() - started
+
+
+_MANY_URLS = []
+
+
+def push_weights_takes_many_urls():
+    """Whether this build's `push-weights` accepts `--url` more than once."""
+    if not _MANY_URLS:
+        probe = subprocess.run([BIN, "push-weights", "--url", "http://127.0.0.1:9", "--url", "http://127.0.0.1:9",
+                                "--file", "/nonexistent"], capture_output=True, text=True)
+        _MANY_URLS.append("cannot be used multiple times" not in probe.stderr)
+    return _MANY_URLS[0]
+
+
+def router_binary():
+    """vllm-router's launcher (PyPI `vllm-router`), from VLLM_ROUTER_BIN, this venv, or PATH."""
+    candidates = [os.environ.get("VLLM_ROUTER_BIN"), os.path.join(os.path.dirname(sys.executable), "vllm-router"),
+                  shutil.which("vllm-router")]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Router:
+    """vllm-router in front of `urls` with `policy`, on loopback."""
+
+    def __init__(self, binary, urls, policy, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [binary, "--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", *urls, "--policy", policy,
+             "--prometheus-port", str(free_port()), "--worker-startup-check-interval", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy([self.url], timeout=60)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def version_spans(response):
+    """[(version, start, end)] over choice 0's generated tokens: its
+    `weight_versions` spans, or one span of `weight_version` when it has none."""
+    choice = response["choices"][0]
+    n = len(choice["message"]["generation_token_ids"])
+    spans = choice.get("weight_versions") or response.get("weight_versions")
+    if not spans:
+        return [(response["weight_version"], 0, n)]
+    return [(s["version"], s["start"], s["end"]) for s in spans]
+
+
+class CorruptingProxy:
+    """A loopback TCP proxy to one replica that flips one byte inside the first
+    large request body of each connection (a weight push), and passes
+    everything else through: the replica behind it gets a corrupt body while
+    the others get the one the client sent."""
+
+    LARGE = 100_000
+
+    def __init__(self, target_url):
+        host, port = target_url.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.corrupted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, corrupt):
+        seen = b""  # the first request's head and the start of its body
+        flip_at = None
+        offset = 0
+        try:
+            while chunk := src.recv(65536):
+                if corrupt and flip_at is None and len(seen) < 65536:
+                    seen += chunk
+                    head_end = seen.find(b"\r\n\r\n")
+                    if head_end >= 0:
+                        length = re.search(rb"(?i)content-length:\s*(\d+)", seen[:head_end])
+                        big = length is None or int(length.group(1)) > self.LARGE  # chunked bodies are pushes
+                        flip_at = head_end + 4 + 4096 if big else -1
+                if flip_at is not None and flip_at >= 0 and offset <= flip_at < offset + len(chunk):
+                    chunk = bytearray(chunk)
+                    chunk[flip_at - offset] ^= 0xFF
+                    chunk = bytes(chunk)
+                    self.corrupted += 1
+                offset += len(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.listener.close()
