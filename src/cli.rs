@@ -65,7 +65,8 @@ pub struct ServeArgs {
     /// Label of the weights loaded at start.
     #[arg(long, default_value = "0", env = "GYM_SERVE_WEIGHT_VERSION")]
     pub weight_version: String,
-    /// Tokens the KV pool holds (default: a fifth of system memory, at most 131072).
+    /// Tokens the KV pool holds (default: a fifth of system memory, at most
+    /// 131072; on a CUDA GPU, what --gpu-memory-utilization leaves).
     #[arg(long, env = "GYM_SERVE_KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<usize>,
     /// What the KV cache stores keys and values as: `auto` is the model's
@@ -86,6 +87,13 @@ pub struct ServeArgs {
     /// Run on the GPU (needs the cuda or metal feature).
     #[arg(long, env = "GYM_SERVE_GPU")]
     pub gpu: bool,
+    /// With --gpu on CUDA: the share of the GPU's memory this process may
+    /// use in all (vLLM's meaning); the KV pool gets what the weights, a
+    /// step's activations and a weight push leave. --kv-cache-tokens wins.
+    #[arg(long, default_value_t = crate::engine::kv_budget::DEFAULT_GPU_MEMORY_UTILIZATION,
+          value_parser = crate::engine::kv_budget::parse_utilization,
+          env = "GYM_SERVE_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: f64,
     /// Require `Authorization: Bearer KEY` on weight and control endpoints.
     #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
@@ -96,6 +104,10 @@ pub struct ServeArgs {
     /// (408), so a stalled upload cannot hold the weights lock.
     #[arg(long, default_value_t = 30.0, value_parser = positive_seconds, env = "GYM_SERVE_WEIGHTS_BODY_IDLE_TIMEOUT")]
     pub weights_body_idle_timeout: f64,
+    /// Seconds a staged weight update (`POST /v1/weights/stage`) waits for
+    /// its commit before it is dropped and its memory returned.
+    #[arg(long, default_value_t = 600.0, value_parser = positive_seconds, env = "GYM_SERVE_STAGED_UPDATE_TIMEOUT")]
+    pub staged_update_timeout: f64,
     /// Serve weight and control endpoints without a key on a non-loopback
     /// address (with neither --api-key nor --admin-api-key). Without this
     /// flag such a bind is refused: anyone who can reach the port could

@@ -8,6 +8,7 @@ use crate::api::types::SamplingDefaults;
 use crate::api::{router, AppState};
 use crate::cli::ServeArgs;
 use crate::connections::{ConnectionOptions, OpenConnections};
+use crate::engine::refit::{Refitter, RefitterOptions};
 use crate::engine::{EngineHandle, EngineOptions, PauseMode};
 use crate::loader::{run_dtype, select_device, LoadedModel};
 use anyhow::Context;
@@ -62,6 +63,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             block_size: Some(args.block_size),
             max_num_batched_tokens: Some(args.max_num_batched_tokens),
             max_num_seqs: Some(args.max_num_seqs),
+            gpu_memory_utilization: Some(args.gpu_memory_utilization),
+            weights_bytes: Some(loaded.store.size_in_bytes()),
         },
     )?;
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -71,12 +74,28 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| model_dir.display().to_string())
     });
     let engine_stats = engine.shared_stats();
-    let refits = Arc::new(crate::api::weights::RefitStats::default());
+    let engine_on_cpu = device_for_updates.is_cpu();
+    let refitter = Refitter::new(
+        engine.clone(),
+        loaded.config,
+        device_for_updates,
+        loaded.store,
+        RefitterOptions {
+            staged_timeout: seconds(args.staged_update_timeout),
+        },
+    );
+    let refits = refitter.stats();
     let limits = RequestLimits::from_args(&args.limits);
-    let memory_bytes = args
-        .limits
-        .max_memory
-        .unwrap_or_else(|| engine.limits().kv_pool_bytes.max(MIN_DEFAULT_MEMORY));
+    let memory_bytes = args.limits.max_memory.unwrap_or_else(|| {
+        // A GPU pool is not host memory: the host budget stays a fifth of RAM at most.
+        let pool = engine.limits().kv_pool_bytes;
+        let pool = if engine_on_cpu {
+            pool
+        } else {
+            pool.min(crate::engine::total_memory_bytes() / 5)
+        };
+        pool.max(MIN_DEFAULT_MEMORY)
+    });
     let memory = Arc::new(MemoryBudget::new(memory_bytes));
     let connections = Arc::new(OpenConnections::default());
     tracing::info!(
@@ -98,15 +117,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             seed: args.seed,
         },
         created: crate::api::protocol::unix_time(),
-        config: loaded.config,
-        device: device_for_updates,
-        weights: tokio::sync::Mutex::new(loaded.store),
-        spare_weights: Default::default(),
-        push_buffers: Default::default(),
+        refitter,
         admin_api_key,
         max_weights_bytes,
         weights_body_idle: std::time::Duration::from_secs_f64(args.weights_body_idle_timeout),
-        refits: refits.clone(),
         metrics: crate::api::metrics::Metrics::new(
             engine_stats,
             refits,

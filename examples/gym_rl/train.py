@@ -153,8 +153,11 @@ def main():
     parser.add_argument("--log", default=None)
     parser.add_argument("--url", action="append", default=None, help="connect to this replica (repeatable)")
     parser.add_argument("--model", default=None, help="checkpoint directory (served and trained)")
+    parser.add_argument("--source", choices=("direct", "nemo_gym"), default=None, help="overrides rollout.source")
     args = parser.parse_args()
-    overrides = {"train": {}, "server": {}}
+    overrides = {"train": {}, "server": {}, "rollout": {}}
+    if args.source:
+        overrides["rollout"]["source"] = args.source
     if args.steps is not None:
         overrides["train"]["steps"] = args.steps
     if args.url:

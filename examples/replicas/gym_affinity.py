@@ -1,14 +1,15 @@
 """NeMo Gym's session -> replica rule for a `base_url` list, for clients outside Gym.
 
 NeMo Gym's `vllm_model` server (responses_api_models/vllm_model/app.py,
-`_resolve_client`, since NVIDIA-NeMo/Gym@c84b7ed4b, Aug 2026) sends every turn
-of a session to one entry of its `base_url` list:
+`_resolve_client`, as in the nemo-gym 0.7.0 wheel; since
+NVIDIA-NeMo/Gym@c84b7ed4b) sends every turn of a session to one entry of its
+`base_url` list:
 
     digest = sha256(session_id.encode("utf-8")).digest()
     index = int.from_bytes(digest[:8], "big") % len(base_urls)
 
 `session_id` is the Gym session's id (a `uuid4()` string kept in the session
-cookie). Older Gym releases assigned sessions round-robin in the order they
+cookie). Releases up to 0.5 assigned sessions round-robin in the order they
 were first seen, which no outside client can reproduce. Use this module to
 send your own traffic (evaluation, a custom agent loop, tests) to the replica
 Gym would pick, so prefix caches stay warm and a session never changes replica.

@@ -3,6 +3,7 @@
 
 use super::protocol::{ErrorBody, ErrorDetail};
 use crate::chat::ChatError;
+use crate::engine::refit::RefitError;
 use crate::engine::EngineError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,8 @@ pub enum ApiError {
     Chat(#[from] ChatError),
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
+    #[error(transparent)]
+    Refit(#[from] RefitError),
     #[error("the body is larger than --max-weights-bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
     /// A body over its endpoint's bound (`flag`), refused before it is read
@@ -60,16 +63,20 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Engine(e) => match e {
-                EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-                EngineError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::BAD_REQUEST,
-            },
+            ApiError::Engine(e) | ApiError::Refit(RefitError::Engine(e)) => engine_status(e),
             ApiError::Chat(e) => match e {
                 ChatError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_REQUEST,
             },
-            ApiError::Weights(_) => StatusCode::BAD_REQUEST,
+            ApiError::Weights(_) | ApiError::Refit(RefitError::Weights(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Refit(
+                RefitError::Busy { .. }
+                | RefitError::NothingStaged { .. }
+                | RefitError::NotThatOne { .. },
+            ) => StatusCode::CONFLICT,
+            ApiError::Refit(RefitError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge { .. } | ApiError::BodyTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -102,6 +109,7 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
             StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
+            StatusCode::CONFLICT => "ConflictError",
             s if s.is_server_error() => "InternalServerError",
             _ => "BadRequestError",
         }
@@ -117,6 +125,14 @@ impl ApiError {
                 code: self.status().as_u16(),
             },
         }
+    }
+}
+
+fn engine_status(e: &EngineError) -> StatusCode {
+    match e {
+        EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
     }
 }
 

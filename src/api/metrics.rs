@@ -3,9 +3,9 @@
 //! the engine's and the refits' counters are read at scrape time.
 
 use super::admission::MemoryBudget;
-use super::weights::RefitStats;
 use super::AppState;
 use crate::connections::OpenConnections;
+use crate::engine::refit::RefitStats;
 use crate::engine::EngineStats;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;

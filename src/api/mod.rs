@@ -45,18 +45,8 @@ pub struct AppState {
     pub tool_call_parser: ToolCallParser,
     pub defaults: SamplingDefaults,
     pub created: u64,
-    /// The served model's shape, for validating weight updates.
-    pub config: crate::config::ModelConfig,
-    pub device: candle_core::Device,
-    /// The served parameters. The lock also serializes weight updates.
-    pub weights: tokio::sync::Mutex<crate::weights::ParamStore>,
-    /// On the CPU, the tensors the last weight update replaced, which nothing
-    /// reads any more: the next push converts into their memory instead of
-    /// allocating (a fresh allocation's page faults cost as much as the
-    /// conversion). Touched only while `weights` is locked.
-    pub spare_weights: std::sync::Mutex<std::collections::HashMap<String, candle_core::Tensor>>,
-    /// A push's receive buffers, kept for the next push for the same reason.
-    pub push_buffers: crate::weights::stream::BufferPool,
+    /// Owns weight updates: the served parameters, staging, the swap.
+    pub refitter: crate::engine::refit::Refitter,
     /// Required on weight and control endpoints when set: `--admin-api-key`,
     /// else `--api-key` (see `auth::admin_key`).
     pub admin_api_key: Option<String>,
@@ -65,7 +55,6 @@ pub struct AppState {
     /// Longest wait for the next bytes of a weight update's body; a
     /// stalled upload is cut so it cannot hold the weights lock.
     pub weights_body_idle: std::time::Duration,
-    pub refits: Arc<weights::RefitStats>,
     pub metrics: metrics::Metrics,
     pub limits: limits::RequestLimits,
     /// Host memory requests may reserve (`--max-memory`).

@@ -7,8 +7,10 @@
 pub mod block_pool;
 pub mod core;
 pub mod events;
+pub mod kv_budget;
 pub mod logits;
 pub mod params;
+pub mod refit;
 pub mod sampler;
 pub mod sequence;
 pub mod stats;
@@ -117,13 +119,18 @@ pub struct EngineOptions {
     pub max_num_batched_tokens: Option<usize>,
     /// Most sequences running at once (default 256).
     pub max_num_seqs: Option<usize>,
+    /// On a GPU, the share of its memory this process may use; the KV pool
+    /// gets what the weights, a step and a weight push leave (default 0.9).
+    pub gpu_memory_utilization: Option<f64>,
+    /// Bytes of the loaded weights (a full push stages a second copy).
+    pub weights_bytes: Option<usize>,
 }
 
 /// Share of system memory the KV pool takes by default.
 const DEFAULT_KV_MEMORY_FRACTION: f64 = 0.2;
 const MAX_DEFAULT_KV_TOKENS: usize = 131_072;
 
-fn total_memory_bytes() -> usize {
+pub(crate) fn total_memory_bytes() -> usize {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -151,9 +158,15 @@ impl EngineHandle {
         let block_size = options.block_size.unwrap_or(16).max(1);
         let kv_dtype = options.kv_cache_dtype.unwrap_or(model.dtype());
         let kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype);
-        let kv_tokens = options
-            .kv_cache_tokens
-            .unwrap_or_else(|| default_kv_tokens(kv_bytes_per_token));
+        let kv_tokens = match options.kv_cache_tokens {
+            Some(tokens) => tokens,
+            None => {
+                match kv_budget::gpu_pool_tokens(&model, &options, kv_bytes_per_token, block_size) {
+                    Some(sized) => sized.map_err(|e| EngineError::Failed(e.to_string()))?,
+                    None => default_kv_tokens(kv_bytes_per_token),
+                }
+            }
+        };
         let num_blocks = kv_tokens.div_ceil(block_size).max(1);
         let max_len = model.max_positions().min(num_blocks * block_size);
         let max_model_len = options.max_model_len.map_or(max_len, |m| m.min(max_len));

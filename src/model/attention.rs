@@ -5,10 +5,12 @@
 //! positions ([`super::paged_attention`]). Sequences of any lengths (prefill
 //! chunks and single decode tokens) share a step with no padding.
 
+use super::device_kernels;
 use super::kv_cache::KvPool;
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::paged_attention::{attend, PagedAttention, SeqSpan};
+use super::paged_meta::DeviceMeta;
 use super::rope::RopeTables;
 use candle_core::{Result, Tensor};
 
@@ -32,6 +34,8 @@ pub struct StepLayout<'a> {
     /// Pool slot of each packed token.
     pub slots: Vec<u32>,
     pub spans: Vec<SeqSpan<'a>>,
+    /// The GPU kernels' copy of `slots` and `spans`, uploaded once a step.
+    pub device_meta: DeviceMeta,
 }
 
 impl Attention {
@@ -54,7 +58,14 @@ impl Attention {
         }
         let q = step.rope.apply(&q)?.squeeze(0)?;
         let k = step.rope.apply(&k)?.squeeze(0)?;
-        pool.write(layer, &step.slots, &k, &v)?;
+        if !device_kernels::write_kv(pool, layer, &step.slots, &step.device_meta, &k, &v)? {
+            pool.write(layer, &step.slots, &k, &v)?;
+        }
+        if let Some(out) =
+            device_kernels::attend(&q, pool, layer, &step.spans, &step.device_meta, nh, nkv, hd)?
+        {
+            return self.o_proj.forward(&out);
+        }
         let op = PagedAttention {
             spans: &step.spans,
             block_size: pool.block_size(),

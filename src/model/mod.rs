@@ -9,11 +9,15 @@
 pub mod attention;
 pub mod blas;
 pub mod cpu_threads;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device_kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod paged_attention;
+pub mod paged_meta;
 pub mod rope;
 pub mod simd;
 pub mod skinny;
@@ -233,6 +237,7 @@ impl Model {
                 .tables_for(&Tensor::from_vec(positions, n, &self.device)?)?,
             slots,
             spans,
+            device_meta: Default::default(),
         };
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {

@@ -1,13 +1,17 @@
-//! Little-endian bf16/f16/f32 bytes to f32 values, checked for NaN and
-//! infinities on the way. bf16 and f32 (what trainers push) convert and
+//! Bytes to tensors, checked for NaN and infinities on the way.
+//!
+//! [`convert_slice`]: little-endian bf16/f16/f32 bytes to f32 values.
+//! bf16 and f32 (what trainers push) convert and
 //! check in fixed blocks of [`BLOCK`] values, so one vectorized loop does
 //! both: a check folded into the plain conversion loop kept it from
 //! vectorizing (5x slower in a microbenchmark), and a second pass over each
 //! chunk cost about a quarter of the conversion; the blocks cost 0 to 15%.
 //! f16 converts in software, slowly enough that a second pass is noise.
 
-use super::finite::{bytes_finite, BF16_EXP, F32_EXP};
-use candle_core::DType;
+use super::finite::{bytes_finite, check_tensor, BF16_EXP, F32_EXP};
+use super::WeightsError;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 const BLOCK: usize = 8;
 
@@ -60,6 +64,139 @@ fn convert_f32(bytes: &[u8], out: &mut [f32]) -> bool {
         *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
     bad == [0; BLOCK] && bytes_finite(tail, DType::F32)
+}
+
+/// Converts tensor `name`'s raw little-endian bytes to the run dtype on
+/// `device`, refusing NaN and infinite values.
+pub(crate) fn convert_bytes(
+    name: &str,
+    bytes: &[u8],
+    dtype: DType,
+    shape: &[usize],
+    run: DType,
+    device: &Device,
+) -> Result<Tensor, WeightsError> {
+    if run == DType::F32 && f32_source_width(dtype).is_some() {
+        // The common case (a bf16 push into an f32 engine): no intermediate
+        // copy, and the check rides along the conversion.
+        let (values, finite) = bytes_to_f32(bytes, dtype);
+        if !finite {
+            return Err(WeightsError::NonFinite(name.to_string()));
+        }
+        return Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?);
+    }
+    if !device.is_cpu() {
+        return super::device_convert::convert_on_device(name, bytes, dtype, shape, run, device);
+    }
+    // Checked after the conversion, on the CPU: f64 values past f32's range
+    // become infinite on the way.
+    let tensor = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?.to_dtype(run)?;
+    check_tensor(name, &tensor)?;
+    Ok(tensor.to_device(device)?)
+}
+
+/// Little-endian bf16/f16/f32 bytes straight to f32 values, in one pass;
+/// also whether every value is finite.
+fn bytes_to_f32(bytes: &[u8], dtype: DType) -> (Vec<f32>, bool) {
+    let width = f32_source_width(dtype).unwrap_or(4);
+    let mut out = vec![0f32; bytes.len() / width];
+    let finite = convert_into(bytes, dtype, &mut out);
+    (out, finite)
+}
+
+/// Bytes per value of a dtype [`convert_into`] reads.
+fn f32_source_width(dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::BF16 | DType::F16 => Some(2),
+        DType::F32 => Some(4),
+        _ => None,
+    }
+}
+
+/// Little-endian bf16/f16/f32 `bytes` into `out`, split across the calling
+/// rayon pool (the conversion is memory-bound; one core does not saturate
+/// memory). `out` holds exactly one value per source value. Returns
+/// whether every value is finite.
+fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> bool {
+    let width = f32_source_width(dtype).unwrap_or(4);
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .map(|(dst, src)| convert_slice(src, dtype, dst))
+        .reduce(|| true, |a, b| a && b)
+}
+
+/// Whether [`fill_part`] can write a tensor of `dtype` and `shape` into
+/// `target`.
+pub(crate) fn fits_in_place(target: &Tensor, dtype: DType, shape: &[usize]) -> bool {
+    f32_source_width(dtype).is_some()
+        && target.device().is_cpu()
+        && target.dtype() == DType::F32
+        && target.dims() == shape
+        && target.is_contiguous()
+}
+
+/// Converts `bytes` (whole values of `dtype`) into `target` from value
+/// `offset` on, on the calling thread: a pushed tensor written into its
+/// target piece by piece as the body arrives. `target` must fit
+/// ([`fits_in_place`]) and be read by nothing else: a new tensor, or a
+/// retired copy of the weights from before the last update (see
+/// `crate::engine::refit`), whose memory is already mapped. A NaN or
+/// infinite value refuses the tensor, named `name`.
+pub(crate) fn fill_part(
+    name: &str,
+    target: &Tensor,
+    bytes: &[u8],
+    dtype: DType,
+    offset: usize,
+) -> Result<(), WeightsError> {
+    let fill = FillFromBytes {
+        bytes,
+        dtype,
+        offset,
+        finite: std::cell::Cell::new(true),
+    };
+    target.inplace_op1(&fill)?;
+    if fill.finite.get() {
+        Ok(())
+    } else {
+        Err(WeightsError::NonFinite(name.to_string()))
+    }
+}
+
+/// In-place fill of an f32 CPU tensor, from value `offset` on, with raw
+/// little-endian bytes; notes whether they were all finite.
+struct FillFromBytes<'a> {
+    bytes: &'a [u8],
+    dtype: DType,
+    offset: usize,
+    finite: std::cell::Cell<bool>,
+}
+
+impl candle_core::InplaceOp1 for FillFromBytes<'_> {
+    fn name(&self) -> &'static str {
+        "fill-from-bytes"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fill-from-bytes: target is not f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fill-from-bytes: target is not contiguous");
+        };
+        let width = f32_source_width(self.dtype).unwrap_or(4);
+        let count = self.bytes.len() / width;
+        let Some(out) = data[start..end].get_mut(self.offset..self.offset + count) else {
+            candle_core::bail!("fill-from-bytes: more values than the target holds");
+        };
+        self.finite.set(convert_slice(self.bytes, self.dtype, out));
+        Ok(())
+    }
 }
 
 #[cfg(test)]

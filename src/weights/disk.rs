@@ -7,11 +7,11 @@
 //! is read and values are converted (and checked for NaN) as they arrive:
 //! nothing is read whole, and a hostile file costs at most its bounded size.
 
+use super::check::{is_tied_alias, UpdateMode};
 use super::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use super::header::{header_length, PREFIX};
 use super::spec::param_specs;
 use super::stream::{BufferPool, Spawner, StreamingUpdate};
-use super::update::{is_tied_alias, UpdateMode};
 use super::{shown, WeightsError};
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Tensor};

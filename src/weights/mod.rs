@@ -1,11 +1,16 @@
 //! Model parameters: their names ([`names`]), the names and shapes a config calls for ([`spec`]), the
 //! store that holds them ([`store`]), safetensors I/O ([`checkpoint`],
-//! [`header`]), and updates: from a body as it streams in ([`stream`]) or
-//! from a checkpoint directory on disk ([`disk`]), both checked value by
-//! value ([`finite`]).
+//! [`header`]), and updates: checked by name, shape and dtype ([`check`]),
+//! staged from a body as it streams in ([`stream`]) or from a checkpoint
+//! directory on disk ([`disk`]), converted and checked value by value
+//! ([`convert`], [`finite`]). The update transaction itself (locking,
+//! swapping into the engine, staging for a later commit) is
+//! [`crate::engine::refit`]'s.
 
+pub mod check;
 pub mod checkpoint;
 mod convert;
+mod device_convert;
 pub mod disk;
 pub mod finite;
 pub mod header;
@@ -13,8 +18,8 @@ pub mod names;
 pub mod spec;
 pub mod store;
 pub mod stream;
-pub mod update;
 
+pub use check::UpdateMode;
 pub use spec::{param_specs, ParamKind, ParamSpec};
 pub use store::ParamStore;
 

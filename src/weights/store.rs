@@ -55,7 +55,7 @@ impl ParamStore {
     }
 
     /// A new store sharing every tensor of this one but those in `updates`.
-    pub(crate) fn with_replacements(&self, updates: HashMap<String, Tensor>) -> Self {
+    pub fn with_replacements(&self, updates: HashMap<String, Tensor>) -> Self {
         let mut tensors = self.tensors.clone();
         tensors.extend(updates);
         Self {

@@ -11,10 +11,9 @@
 //! ([`crate::engine::EngineHandle::between_steps`]); without an engine they
 //! run on a staging thread. The whole body is never held.
 
+use super::check::{check_header, is_tied_alias, UpdateMode};
+use super::convert::{convert_bytes, fill_part, fits_in_place};
 use super::header::{data_len, header_length, parse_header, HeaderEntry, PREFIX};
-use super::update::{
-    check_header, convert_bytes, fill_part, fits_in_place, is_tied_alias, UpdateMode,
-};
 use super::WeightsError;
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Tensor};

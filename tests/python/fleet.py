@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +44,8 @@ class Fleet:
         self.replicas = []
         try:
             for _ in range(n):
-                self.replicas.append(Replica(BIN, model, args=["--weight-version", version, "--served-model-name", "tiny", *args]))
+                self.replicas.append(Replica(BIN, model, args=["--weight-version", version,
+                                                              "--served-model-name", "tiny", *args]))
         except BaseException:
             self.stop()
             raise
@@ -67,15 +69,33 @@ class Fleet:
         return counts
 
     def push(self, weights_file, version, pause="wait"):
-        """One coordinated push of `weights_file` to every replica; returns seconds taken."""
+        """One coordinated push of `weights_file` to every replica: a single
+        two-phase `push-weights --url A --url B ...` where this build has it,
+        else one push per replica in parallel. Returns seconds taken."""
         started = time.monotonic()
-        procs = [subprocess.Popen([BIN, "push-weights", "--url", u, "--file", weights_file, "--version", version,
-                                   "--pause", pause], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for u in self.urls]
+        command = [BIN, "push-weights", "--file", weights_file, "--version", version, "--pause", pause]
+        if push_weights_takes_many_urls():
+            groups = [sum((["--url", u] for u in self.urls), [])]
+        else:
+            groups = [["--url", u] for u in self.urls]
+        procs = [subprocess.Popen(command + g, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for g in groups]
         outputs = [(p.wait(timeout=120), p.stdout.read()) for p in procs]
         for rc, out in outputs:
             assert rc == 0, out
         return time.monotonic() - started
+
+
+_MANY_URLS = []
+
+
+def push_weights_takes_many_urls():
+    """Whether this build's `push-weights` accepts `--url` more than once."""
+    if not _MANY_URLS:
+        probe = subprocess.run([BIN, "push-weights", "--url", "http://127.0.0.1:9", "--url", "http://127.0.0.1:9",
+                                "--file", "/nonexistent"], capture_output=True, text=True)
+        _MANY_URLS.append("cannot be used multiple times" not in probe.stderr)
+    return _MANY_URLS[0]
 
 
 def router_binary():
@@ -128,3 +148,73 @@ def version_spans(response):
     if not spans:
         return [(response["weight_version"], 0, n)]
     return [(s["version"], s["start"], s["end"]) for s in spans]
+
+
+class CorruptingProxy:
+    """A loopback TCP proxy to one replica that flips one byte inside the first
+    large request body it forwards (a weight push), and passes everything else
+    through: the replica behind it gets a corrupt body while the others get the
+    one the client sent."""
+
+    LARGE = 100_000
+
+    def __init__(self, target_url):
+        host, port = target_url.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.corrupted = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _flip_offset(self, buf, base):
+        """Scan request heads in `buf` (stream offset `base`); the offset of the
+        byte to flip once a large body starts, else None and what to keep."""
+        while (end := buf.find(b"\r\n\r\n")) >= 0:
+            head = buf[:end]
+            length = re.search(rb"(?i)\ncontent-length:\s*(\d+)", head)
+            chunked = re.search(rb"(?i)\ntransfer-encoding:\s*chunked", head)
+            if chunked or (length and int(length.group(1)) > self.LARGE):
+                return base + end + 4 + 4096, b"", base
+            buf, base = buf[end + 4:], base + end + 4
+        keep = buf[-65536:]
+        return None, keep, base + len(buf) - len(keep)
+
+    def _pipe(self, src, dst, corrupt):
+        buf, base, offset, flip_at = b"", 0, 0, None
+        try:
+            while chunk := src.recv(65536):
+                if corrupt and flip_at is None:
+                    flip_at, buf, base = self._flip_offset(buf + chunk, base)
+                if flip_at is not None and offset <= flip_at < offset + len(chunk):
+                    with self.lock:
+                        if not self.corrupted:
+                            chunk = bytearray(chunk)
+                            chunk[flip_at - offset] ^= 0xFF
+                            chunk = bytes(chunk)
+                        self.corrupted += 1
+                offset += len(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.listener.close()

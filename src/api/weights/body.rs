@@ -1,10 +1,12 @@
 //! Receiving a weight push's body: bounded in size (an over-limit
 //! `Content-Length` is refused before a byte is read) and in idle time (a
-//! stalled upload is cut, so it cannot hold the weights lock), and refused
-//! bodies discarded off to the side, holding nothing.
+//! stalled upload is cut, so it cannot hold the weights lock), hashed for
+//! the `x-weights-sha256` check, and refused bodies discarded off to the
+//! side, holding nothing.
 
 use crate::api::error::ApiError;
-use crate::weights::stream::StreamingUpdate;
+use crate::engine::refit::Update;
+use crate::weights::clip;
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use http_body_util::BodyExt;
@@ -53,17 +55,16 @@ async fn next_chunk(
     }
 }
 
-/// Streams the body into `stage`, at most `limit` bytes, hashing it on the
-/// way in when the client sent a checksum to compare with. Stops at the
-/// first refusal (the caller discards the rest once it has let go of the
-/// weights). Returns the body's size and digest.
+/// Streams the body into `update`, at most `limit` bytes, and checks it
+/// against the client's `x-weights-sha256`, if sent. Stops at the first
+/// refusal (the caller aborts the update, then discards the rest).
 pub async fn receive(
     body: &mut Body,
     headers: &HeaderMap,
     limit: usize,
     idle: Duration,
-    stage: &mut StreamingUpdate,
-) -> Result<(usize, Option<String>), ApiError> {
+    update: &mut Update,
+) -> Result<(), ApiError> {
     let mut hasher = headers.contains_key(CHECKSUM_HEADER).then(Sha256::new);
     let mut total = 0usize;
     while let Some(chunk) = next_chunk(body, idle).await? {
@@ -74,10 +75,29 @@ pub async fn receive(
         if let Some(h) = hasher.as_mut() {
             h.update(&chunk);
         }
-        stage.push(&chunk)?;
+        update.feed(&chunk)?;
     }
-    let digest = hasher.map(|h| h.finalize().iter().map(|b| format!("{b:02x}")).collect());
-    Ok((total, digest))
+    match (headers.get(CHECKSUM_HEADER), hasher) {
+        (Some(expected), Some(hasher)) => {
+            let digest: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let expected = expected.to_str().unwrap_or("").trim().to_ascii_lowercase();
+            if expected != digest {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "checksum mismatch: x-weights-sha256 is {}, the body's SHA-256 is {digest}",
+                        clip(&expected)
+                    ),
+                    Some(CHECKSUM_HEADER),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Drops the rest of a refused body without delaying the answer: read (up

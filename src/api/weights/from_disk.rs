@@ -2,13 +2,11 @@
 //! bounds (see [`crate::weights::disk`]), answered in SGLang's shape.
 
 use super::body;
-use super::commit::commit;
-use super::{engine_spawner, next_version, owned};
 use crate::api::error::ApiError;
 use crate::api::AppState;
+use crate::engine::refit::{Landed, Landing, UpdatePlan, UpdateTarget};
 use crate::engine::PauseMode;
-use crate::weights::clip;
-use crate::weights::disk::{finish_checkpoint, stage_checkpoint, StageTarget};
+use crate::weights::{clip, UpdateMode};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -17,7 +15,6 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Largest `/update_weights_from_disk` request body (it names a directory).
 const MAX_DISK_REQUEST_BYTES: usize = 64 << 10;
@@ -57,54 +54,38 @@ async fn disk_request(
         .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}"), None))
 }
 
-/// The whole disk update, under the weights lock.
-async fn run_disk_update(
-    state: Arc<AppState>,
-    req: DiskUpdate,
-    started: Instant,
-) -> Result<(String, usize), ApiError> {
-    let result = async {
-        let mut served = state.weights.lock().await;
-        let target = StageTarget {
-            run: served.dtype(),
-            device: state.device.clone(),
-            spawner: Some(engine_spawner(&state)),
-            buffers: state.push_buffers.clone(),
-        };
-        let (dir, config) = (
-            std::path::PathBuf::from(&req.model_path),
-            state.config.clone(),
-        );
-        let stages = tokio::task::spawn_blocking(move || stage_checkpoint(&dir, &config, &target))
-            .await
-            .map_err(|e| ApiError::Internal(format!("staging thread: {e}")))??;
-        let updates = finish_checkpoint(&state.config, stages).await?;
-        let tensors = updates.len();
-        let staged = served.with_replacements(updates);
-        let version = req
-            .weight_version
-            .clone()
-            .unwrap_or_else(|| next_version(&state.engine.stats().weight_version()));
-        let pause = if req.abort_all_requests {
+/// The whole disk update (the [`Refitter`] owns it to its end), then
+/// `flush_cache`.
+///
+/// [`Refitter`]: crate::engine::refit::Refitter
+async fn run_disk_update(state: &AppState, req: DiskUpdate) -> Result<(String, usize), ApiError> {
+    let plan = UpdatePlan {
+        // The files decide: one must hold everything, shards together.
+        mode: UpdateMode::Full,
+        version: req.weight_version.clone(),
+        pause: if req.abort_all_requests {
             PauseMode::Abort
         } else {
             PauseMode::Wait
-        };
-        // What a disk update replaces is dropped: only pushes convert into
-        // retired memory.
-        commit(&state, &mut served, staged, &version, pause, started).await?;
-        Ok((version, tensors))
-    }
-    .await;
-    if let Err(e) = &result {
-        state.refits.record_failure();
-        tracing::warn!(error = %e, "disk weight update refused; served weights unchanged");
-    }
+        },
+        target: UpdateTarget::Base,
+        landing: Landing::Commit,
+    };
+    let dir = std::path::PathBuf::from(&req.model_path);
+    let done = match state.refitter.apply_checkpoint(dir, plan).await? {
+        Landed::Committed(done) => done,
+        Landed::Staged(s) => {
+            return Err(ApiError::Internal(format!(
+                "update {} was staged, not committed",
+                s.id
+            )))
+        }
+    };
     // After the commit, so a failure here cannot hide an update that happened.
-    if req.flush_cache && result.is_ok() {
+    if req.flush_cache {
         state.engine.reset_prefix_cache().await?;
     }
-    result
+    Ok((done.version, done.tensors))
 }
 
 /// `POST /update_weights_from_disk` in SGLang's shape: `{success, message}`.
@@ -113,16 +94,13 @@ pub async fn update_from_disk(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
     let result = match disk_request(&state, &headers, body).await {
         Ok(req) => {
             let path = clip(&req.model_path);
-            owned(run_disk_update(state.clone(), req, started))
-                .await
-                .map(|done| (done, path))
+            run_disk_update(&state, req).await.map(|done| (done, path))
         }
         Err(e) => {
-            state.refits.record_failure();
+            state.refitter.refused(&e);
             Err(e)
         }
     };
