@@ -108,6 +108,10 @@ pub struct ServeArgs {
     /// its commit before it is dropped and its memory returned.
     #[arg(long, default_value_t = 600.0, value_parser = positive_seconds, env = "GYM_SERVE_STAGED_UPDATE_TIMEOUT")]
     pub staged_update_timeout: f64,
+    /// This server's name in `/get_weight_version` and `/metrics`, for
+    /// auditing a fleet of replicas (default: the bound host:port).
+    #[arg(long, env = "GYM_SERVE_REPLICA_ID")]
+    pub replica_id: Option<String>,
     /// Serve weight and control endpoints without a key on a non-loopback
     /// address (with neither --api-key nor --admin-api-key). Without this
     /// flag such a bind is refused: anyone who can reach the port could

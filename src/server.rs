@@ -109,6 +109,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_request_bytes = limits.max_request_bytes,
         "request limits"
     );
+    // Bound before the state is built: the default replica id is the
+    // address (with --port 0, the port picked).
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let replica_id = args.replica_id.clone().unwrap_or_else(|| addr.to_string());
     let state = Arc::new(AppState {
         engine,
         chat,
@@ -123,6 +130,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         created: crate::api::protocol::unix_time(),
         refitter,
+        replica_id: replica_id.clone(),
         admin_api_key,
         max_weights_bytes,
         weights_body_idle: std::time::Duration::from_secs_f64(args.weights_body_idle_timeout),
@@ -131,6 +139,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             refits,
             connections.clone(),
             memory.clone(),
+            replica_id,
         ),
         limits,
         memory,
@@ -141,11 +150,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("--lora-modules {}: {e}", m.name))?;
     }
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, model = %state.served_model_name, max_model_len = state.max_model_len(), "serving");
+    tracing::info!(%addr, replica_id = %state.replica_id, model = %state.served_model_name, max_model_len = state.max_model_len(), "serving");
     // Scripts and tests read the bound address (with --port 0) from stdout.
     println!("gym-serve listening on http://{addr}");
     std::io::stdout().flush().ok();

@@ -323,8 +323,13 @@ fn long_generations_decode_like_a_one_shot_decode() {
             "--tool-call-parser",
             "hermes",
         ],
-    );
-    let n = 4000;
+    )
+    .with_timeout(1200);
+    // Shorter runs for a quick local check; CI runs the full length.
+    let n: usize = std::env::var("GYM_SERVE_TEST_LONG_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
     let text_body = json!({"prompt": "Once", "max_tokens": n, "seed": 3, "ignore_eos": true,
                            "skip_special_tokens": false});
     let chat_body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": n,

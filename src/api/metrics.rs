@@ -38,6 +38,7 @@ struct ScrapeTime {
     refits: Arc<RefitStats>,
     connections: Arc<OpenConnections>,
     memory: Arc<MemoryBudget>,
+    replica_id: String,
 }
 
 fn gauge<N>(
@@ -184,6 +185,38 @@ impl Collector for ScrapeTime {
             "Duration of the latest weight update",
             r.last_seconds(),
         )?;
+        counter(
+            &mut e,
+            "gym_serve_staged_weight_updates",
+            "Weight updates staged (POST /v1/weights/stage)",
+            r.staged(),
+        )?;
+        counter(
+            &mut e,
+            "gym_serve_staged_weight_update_aborts",
+            "Staged weight updates aborted",
+            r.aborted(),
+        )?;
+        counter(
+            &mut e,
+            "gym_serve_staged_weight_update_expiries",
+            "Staged weight updates dropped uncommitted after --staged-update-timeout",
+            r.expired(),
+        )?;
+        gauge(
+            &mut e,
+            "gym_serve_staged_weight_update_bytes",
+            "Memory held by the staged weight update (0 without one)",
+            r.staged_bytes() as i64,
+        )?;
+        let info = ConstGauge::new(1);
+        let mut family = e.encode_descriptor(
+            "gym_serve_replica_info",
+            "This replica's name (--replica-id, default host:port) as a label, value 1",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(family.encode_family(&[("replica_id", self.replica_id.as_str())])?)?;
         // The serving version as an info-style gauge: the label carries it.
         let version = s.weight_version().to_string();
         let info = ConstGauge::new(1);
@@ -204,6 +237,7 @@ impl Metrics {
         refits: Arc<RefitStats>,
         connections: Arc<OpenConnections>,
         memory: Arc<MemoryBudget>,
+        replica_id: String,
     ) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
@@ -230,6 +264,7 @@ impl Metrics {
             refits,
             connections,
             memory,
+            replica_id,
         }));
         Self {
             registry,

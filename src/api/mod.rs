@@ -48,6 +48,8 @@ pub struct AppState {
     pub created: u64,
     /// Owns weight updates: the served parameters, staging, the swap.
     pub refitter: crate::engine::refit::Refitter,
+    /// This replica's name (`--replica-id`, default host:port).
+    pub replica_id: String,
     /// Required on weight and control endpoints when set: `--admin-api-key`,
     /// else `--api-key` (see `auth::admin_key`).
     pub admin_api_key: Option<String>,
@@ -120,6 +122,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
     let admin = Router::new()
         .route("/get_weight_version", get(weights::get_weight_version))
+        .route("/v1/weights/commit", post(weights::commit_weights))
+        .route("/v1/weights/abort", post(weights::abort_weights))
+        .route("/v1/weights/staged", get(weights::staged_status))
         .route("/pause", post(control::pause))
         .route("/resume", post(control::resume))
         .route("/is_paused", get(control::is_paused))
@@ -130,6 +135,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin_key));
     let push = Router::new()
         .route("/v1/weights", post(weights::push_weights))
+        .route("/v1/weights/stage", post(weights::stage_weights))
         // Bounded by --max-weights-bytes while streaming instead.
         .layer(DefaultBodyLimit::disable())
         .route_layer(from_fn_with_state(weight_push, body::bound))

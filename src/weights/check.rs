@@ -8,12 +8,12 @@ use super::spec::param_specs;
 use super::WeightsError;
 use crate::config::ModelConfig;
 use candle_core::DType;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Whether an update must bring every parameter (`full`, the default) or
 /// may bring any non-empty subset (`partial`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpdateMode {
     #[default]

@@ -1,5 +1,6 @@
 //! Trainer-facing weight updates over HTTP: `POST /v1/weights` (a
-//! safetensors body), `POST /update_weights_from_disk` (a checkpoint
+//! safetensors body), its two phases (`/v1/weights/stage`, `commit`,
+//! `abort`, `staged`), `POST /update_weights_from_disk` (a checkpoint
 //! directory), and `GET /get_weight_version`.
 //!
 //! These handlers parse queries, receive the body's frames (bounded, timed,
@@ -11,9 +12,11 @@ mod body;
 mod from_disk;
 mod push;
 mod query;
+mod staged;
 
 pub use from_disk::update_from_disk;
 pub use push::push_weights;
+pub use staged::{abort_weights, commit_weights, stage_weights, staged_status};
 
 use super::AppState;
 use axum::extract::State;
@@ -23,5 +26,8 @@ use std::sync::Arc;
 
 /// `GET /get_weight_version`
 pub async fn get_weight_version(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "weight_version": &*state.refitter.serving_version() }))
+    Json(json!({
+        "weight_version": &*state.refitter.serving_version(),
+        "replica_id": state.replica_id,
+    }))
 }

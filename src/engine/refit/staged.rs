@@ -29,7 +29,7 @@ pub(super) struct Staged {
 }
 
 /// A staged update, as the status endpoint shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct StagedInfo {
     pub id: String,
     /// The version it will serve as.

@@ -1,0 +1,118 @@
+//! Two-phase updates: `POST /v1/weights/stage` (a body received, checked
+//! and converted beside the serving weights), `POST /v1/weights/commit`
+//! (swapped in between two steps), `POST /v1/weights/abort` (dropped) and
+//! `GET /v1/weights/staged`. The weight version is published only at the
+//! commit, as vLLM's `finish_weight_update` publishes it.
+
+use super::push::receive_update;
+use super::query::{self, StagedQuery};
+use crate::api::error::ApiError;
+use crate::api::AppState;
+use crate::engine::refit::{Landed, Landing, StagedInfo};
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// `POST /v1/weights/stage`'s answer.
+#[derive(Serialize)]
+pub struct StageReply {
+    #[serde(flatten)]
+    staged: StagedInfo,
+    /// Still the one serving: the staged version serves from its commit.
+    weight_version: String,
+    replica_id: String,
+}
+
+/// `POST /v1/weights/commit`'s answer (a push's, plus the stage's id).
+#[derive(Serialize)]
+pub struct CommitReply {
+    weight_version: String,
+    tensors: usize,
+    bytes: usize,
+    /// From the commit's arrival to serving.
+    seconds: f64,
+    stage_id: Option<String>,
+    replica_id: String,
+}
+
+/// `POST /v1/weights/abort`'s answer.
+#[derive(Serialize)]
+pub struct AbortReply {
+    /// The update dropped; null when none was staged.
+    aborted: Option<StagedInfo>,
+    weight_version: String,
+    replica_id: String,
+}
+
+/// `GET /v1/weights/staged`'s answer.
+#[derive(Serialize)]
+pub struct StatusReply {
+    /// The update held; null without one.
+    staged: Option<StagedInfo>,
+    weight_version: String,
+    replica_id: String,
+}
+
+/// `POST /v1/weights/stage?version=V&mode=full|partial&pause=wait|abort|keep`
+pub async fn stage_weights(
+    State(state): State<Arc<AppState>>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<StageReply>, ApiError> {
+    match receive_update(&state, raw_query.as_deref(), Landing::Stage, headers, body).await? {
+        Landed::Staged(staged) => Ok(Json(StageReply {
+            staged,
+            weight_version: state.refitter.serving_version().to_string(),
+            replica_id: state.replica_id.clone(),
+        })),
+        Landed::Committed(done) => Err(ApiError::Internal(format!(
+            "update {} was committed, not staged",
+            done.version
+        ))),
+    }
+}
+
+/// `POST /v1/weights/commit?id=ID&pause=wait|abort|keep`
+pub async fn commit_weights(
+    State(state): State<Arc<AppState>>,
+    RawQuery(raw_query): RawQuery,
+) -> Result<Json<CommitReply>, ApiError> {
+    let q: StagedQuery = query::parse(raw_query.as_deref())?;
+    let done = state.refitter.commit_staged(q.id, q.pause).await?;
+    Ok(Json(CommitReply {
+        weight_version: done.version,
+        tensors: done.tensors,
+        bytes: done.bytes,
+        seconds: done.seconds,
+        stage_id: done.stage_id,
+        replica_id: state.replica_id.clone(),
+    }))
+}
+
+/// `POST /v1/weights/abort?id=ID`: 200 with `aborted: null` when nothing
+/// was staged, so a coordinator may abort everywhere.
+pub async fn abort_weights(
+    State(state): State<Arc<AppState>>,
+    RawQuery(raw_query): RawQuery,
+) -> Result<Json<AbortReply>, ApiError> {
+    let q: StagedQuery = query::parse(raw_query.as_deref())?;
+    let aborted = state.refitter.abort_staged(q.id).await?;
+    Ok(Json(AbortReply {
+        aborted,
+        weight_version: state.refitter.serving_version().to_string(),
+        replica_id: state.replica_id.clone(),
+    }))
+}
+
+/// `GET /v1/weights/staged`
+pub async fn staged_status(State(state): State<Arc<AppState>>) -> Json<StatusReply> {
+    Json(StatusReply {
+        staged: state.refitter.staged(),
+        weight_version: state.refitter.serving_version().to_string(),
+        replica_id: state.replica_id.clone(),
+    })
+}
