@@ -12,7 +12,12 @@ use std::sync::Arc;
 
 #[derive(Debug, Deserialize)]
 pub struct PauseQuery {
-    mode: Option<String>,
+    #[serde(default = "default_pause_mode")]
+    mode: PauseMode,
+}
+
+fn default_pause_mode() -> PauseMode {
+    PauseMode::Abort
 }
 
 /// Returns once the pause is in effect (with `wait`: when running requests finished).
@@ -21,13 +26,7 @@ pub async fn pause(
     query: Result<Query<PauseQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
-    let mode: PauseMode = match q.mode.as_deref() {
-        None => PauseMode::Abort,
-        Some(m) => m
-            .parse()
-            .map_err(|e: String| ApiError::bad_request(e, Some("mode")))?,
-    };
-    state.engine.pause(mode).await?;
+    state.engine.pause(q.mode).await?;
     Ok(Json(json!({"success": true, "is_paused": true})))
 }
 

@@ -25,7 +25,7 @@ use std::time::Instant;
 pub struct WeightsQuery {
     version: Option<String>,
     mode: Option<String>,
-    pause: Option<String>,
+    pause: Option<PauseMode>,
 }
 
 /// On the CPU, keeps what an update replaced (no longer read by the engine,
@@ -58,7 +58,7 @@ fn push_options(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
     Ok(PushOptions {
         mode: parse(q.mode.as_deref(), UpdateMode::Full, "mode")?,
-        pause: parse(q.pause.as_deref(), PauseMode::Wait, "pause")?,
+        pause: q.pause.unwrap_or(PauseMode::Wait),
         version: q.version,
     })
 }
