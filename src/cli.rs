@@ -3,7 +3,7 @@
 
 use crate::chat::parsers::{ReasoningParser, ToolCallParser};
 use crate::config::Architecture;
-use crate::engine::LogprobsMode;
+use crate::engine::{LogprobsMode, PauseMode};
 use crate::make_model::Preset;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -344,7 +344,7 @@ pub struct PushWeightsArgs {
     pub partial: bool,
     /// What running requests do during the swap: wait, abort or keep.
     #[arg(long, default_value = "wait", env = "GYM_SERVE_PUSH_PAUSE")]
-    pub pause: String,
+    pub pause: PauseMode,
     #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
 }
