@@ -3,7 +3,7 @@
 
 use crate::chat::parsers::{ReasoningParser, ToolCallParser};
 use crate::config::Architecture;
-use crate::engine::LogprobsMode;
+use crate::engine::{LogprobsMode, PauseMode};
 use crate::make_model::Preset;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -274,6 +274,8 @@ pub enum DTypeArg {
     F16,
 }
 
+// Parsed once per process, so the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the OpenAI-compatible API (the default command).
@@ -384,7 +386,7 @@ pub struct PushWeightsArgs {
     pub adapter: Option<String>,
     /// What running requests do during the swap: wait, abort or keep.
     #[arg(long, default_value = "wait", env = "GYM_SERVE_PUSH_PAUSE")]
-    pub pause: String,
+    pub pause: PauseMode,
     #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
 }

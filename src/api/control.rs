@@ -6,7 +6,7 @@ use super::protocol::request::PauseQuery;
 use super::protocol::ControlResponse;
 use super::AppState;
 use crate::engine::PauseMode;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::Json;
 use std::sync::Arc;
 
@@ -17,16 +17,14 @@ fn answer(success: Option<bool>, is_paused: Option<bool>) -> Json<ControlRespons
 /// Returns once the pause is in effect (with `wait`: when running requests finished).
 pub async fn pause(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<PauseQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(raw_query): RawQuery,
 ) -> Result<Json<ControlResponse>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
-    let mode: PauseMode = match q.mode.as_deref() {
-        None => PauseMode::Abort,
-        Some(m) => m
-            .parse()
-            .map_err(|e: String| ApiError::bad_request(e, Some("mode")))?,
-    };
-    state.engine.pause(mode).await?;
+    // Parsed like the weight endpoints' queries: a bad mode's error names `mode`.
+    let q: PauseQuery = super::weights::query::parse(raw_query.as_deref())?;
+    state
+        .engine
+        .pause(q.mode.unwrap_or(PauseMode::Abort))
+        .await?;
     Ok(answer(Some(true), Some(true)))
 }
 

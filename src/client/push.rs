@@ -5,6 +5,7 @@
 use crate::cli::PushWeightsArgs;
 use crate::weights::checkpoint::{checkpoint_files, read_checkpoint};
 use anyhow::{bail, Context};
+use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -88,7 +89,8 @@ pub fn push_weights(args: PushWeightsArgs) -> anyhow::Result<()> {
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("mode", if args.partial { "partial" } else { "full" });
-        q.append_pair("pause", &args.pause);
+        let pause = args.pause.to_possible_value().context("--pause")?;
+        q.append_pair("pause", pause.get_name());
         if let Some(v) = &args.version {
             q.append_pair("version", v);
         }

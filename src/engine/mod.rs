@@ -4,16 +4,21 @@
 //! Requests are validated on the caller's side of the channel, so a bad request
 //! is answered at once and never reaches the engine thread.
 
-pub mod block_pool;
+mod block_pool;
 pub mod core;
 pub mod events;
+mod jobs;
 pub mod kv_budget;
+mod kv_manager;
 pub mod logits;
 pub mod params;
+mod pause;
 pub mod refit;
 pub mod sampler;
-pub mod sequence;
+mod scheduler;
+mod sequence;
 pub mod stats;
+mod stream;
 
 use self::core::{EngineCore, GenerationJob, PendingSwap, SchedulerConfig, ScoreJob};
 pub use self::core::{PauseMode, ScoreOutput, SwapReport};
@@ -26,6 +31,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+pub use stream::{ChoiceOutput, GenerationStream};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -370,12 +376,12 @@ impl EngineHandle {
         self.commands
             .send(Command::Generate(job))
             .map_err(|_| EngineError::Stopped)?;
-        Ok(GenerationStream {
+        Ok(GenerationStream::new(
             receiver,
             n,
             request_id,
-            commands: self.commands.clone(),
-        })
+            self.commands.clone(),
+        ))
     }
 
     fn score_job(
@@ -533,108 +539,5 @@ fn run_background(jobs: &mut VecDeque<BackgroundJob>, slice: std::time::Duration
         if started.elapsed() >= slice {
             break;
         }
-    }
-}
-
-/// Everything one choice produced.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ChoiceOutput {
-    pub token_ids: Vec<u32>,
-    pub logprobs: Vec<f32>,
-    pub top_logprobs: Vec<Vec<(u32, f32)>>,
-    pub finish_reason: Option<FinishReason>,
-}
-
-/// The events of one request, as they are produced. Dropping it cancels
-/// whatever the request still has running.
-pub struct GenerationStream {
-    receiver: EventReceiver,
-    n: usize,
-    request_id: u64,
-    commands: mpsc::Sender<Command>,
-}
-
-impl Drop for GenerationStream {
-    fn drop(&mut self) {
-        let _ = self.commands.send(Command::Cancel {
-            request_id: self.request_id,
-            choice: None,
-        });
-    }
-}
-
-impl GenerationStream {
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Stops one choice (e.g. a stop string matched); the others go on.
-    pub fn cancel_choice(&self, choice: usize) {
-        let _ = self.commands.send(Command::Cancel {
-            request_id: self.request_id,
-            choice: Some(choice),
-        });
-    }
-
-    /// The next event; `None` once every choice has finished.
-    pub async fn next(&mut self) -> Option<EngineEvent> {
-        self.receiver.recv().await
-    }
-
-    fn fold(
-        n: usize,
-        mut next: impl FnMut() -> Option<EngineEvent>,
-    ) -> Result<Vec<ChoiceOutput>, EngineError> {
-        let mut out = vec![ChoiceOutput::default(); n];
-        let mut unfinished = n;
-        while unfinished > 0 {
-            match next() {
-                Some(EngineEvent::Token(t)) => {
-                    let c = &mut out[t.choice];
-                    c.token_ids.push(t.token);
-                    c.logprobs.push(t.logprob);
-                    c.top_logprobs.push(t.top_logprobs);
-                    if t.finish.is_some() {
-                        c.finish_reason = t.finish;
-                        unfinished -= 1;
-                    }
-                }
-                Some(EngineEvent::Aborted { choice }) => {
-                    if out[choice].finish_reason.is_none() {
-                        out[choice].finish_reason = Some(FinishReason::Abort);
-                        unfinished -= 1;
-                    }
-                }
-                Some(EngineEvent::Failed(msg)) => return Err(EngineError::Failed(msg)),
-                None => return Err(EngineError::Stopped),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Waits for every choice to finish (blocking; not for async contexts).
-    pub fn collect_blocking(mut self) -> Result<Vec<ChoiceOutput>, EngineError> {
-        let n = self.n;
-        Self::fold(n, || self.receiver.blocking_recv())
-    }
-
-    /// Waits for every choice to finish.
-    pub async fn collect(mut self) -> Result<Vec<ChoiceOutput>, EngineError> {
-        let mut events = Vec::new();
-        let mut finished = 0;
-        while finished < self.n {
-            let Some(event) = self.receiver.recv().await else {
-                break;
-            };
-            match &event {
-                EngineEvent::Token(t) if t.finish.is_some() => finished += 1,
-                EngineEvent::Aborted { .. } => finished += 1,
-                EngineEvent::Failed(_) => finished = self.n,
-                EngineEvent::Token(_) => {}
-            }
-            events.push(event);
-        }
-        let mut events = events.into_iter();
-        Self::fold(self.n, || events.next())
     }
 }

@@ -1,7 +1,8 @@
 //! One choice of one request as the engine runs it.
 
-use super::block_pool::{chain_hash, BlockPool};
+use super::block_pool::chain_hash;
 use super::events::{EventSender, FinishReason};
+use super::kv_manager::{BlockTable, KvManager};
 use super::params::SamplingParams;
 use crate::lora::LoraAdapter;
 use rand::SeedableRng;
@@ -18,7 +19,8 @@ pub struct Sequence {
     pub prompt_len: usize,
     /// Leading tokens whose keys and values are in the pool.
     pub num_computed: usize,
-    pub block_table: Vec<u32>,
+    /// Its pool blocks; changed only through [`KvManager`].
+    pub blocks: BlockTable,
     /// Prefix-cache hashes of the leading full blocks (a chain).
     pub block_hashes: Vec<u64>,
     pub rng: ChaCha8Rng,
@@ -56,7 +58,7 @@ impl Sequence {
             prompt_len: prompt.len(),
             tokens: prompt,
             num_computed: 0,
-            block_table: Vec::new(),
+            blocks: BlockTable::default(),
             block_hashes: Vec::new(),
             rng,
             params,
@@ -101,10 +103,8 @@ impl Sequence {
     }
 
     /// Returns every block to the pool (finished, cancelled or preempted).
-    pub fn free_blocks(&mut self, pool: &mut BlockPool) {
-        for b in self.block_table.drain(..) {
-            pool.release(b);
-        }
+    pub fn free_blocks(&mut self, kv: &mut KvManager) {
+        kv.free(&mut self.blocks);
         self.num_computed = 0;
     }
 

@@ -130,8 +130,9 @@ pub struct ScoreRequest {
     pub logprobs_mode: Option<LogprobsMode>,
 }
 
-/// `POST /pause?mode=...`.
+/// `POST /pause?mode=abort|wait|keep` (default `abort`).
 #[derive(Debug, Deserialize)]
 pub struct PauseQuery {
-    pub mode: Option<String>,
+    #[serde(default)]
+    pub mode: Option<crate::engine::PauseMode>,
 }

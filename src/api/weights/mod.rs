@@ -11,7 +11,7 @@
 mod body;
 mod from_disk;
 mod push;
-mod query;
+pub(crate) mod query;
 mod staged;
 
 pub use from_disk::update_from_disk;
