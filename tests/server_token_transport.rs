@@ -332,7 +332,13 @@ fn long_generations_decode_like_a_one_shot_decode() {
         .unwrap_or(4000);
     let text_body = json!({"prompt": "Once", "max_tokens": n, "seed": 3, "ignore_eos": true,
                            "skip_special_tokens": false});
-    let chat_body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": n,
+    // The chat half checks that streamed deltas add up to the parsed message.
+    // That holds only while the parse grows monotonically: over thousands of
+    // random tokens a late `</think>` with no opening `<think>` turns earlier
+    // text into reasoning in the one-shot parse, which a stream cannot take
+    // back (vLLM's streams behave alike), so the chat half runs 300 tokens.
+    let chat_n = n.min(300);
+    let chat_body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": chat_n,
                            "seed": 4, "ignore_eos": true, "temperature": 1.0,
                            "chat_template_kwargs": {"enable_thinking": true}});
     let streamed = |mut b: Value| {
@@ -361,7 +367,7 @@ fn long_generations_decode_like_a_one_shot_decode() {
     assert_eq!(json!(streamed_text(&stream, "text")), one_shot);
 
     let message = &chat["choices"][0]["message"];
-    assert_eq!(ids(&message["generation_token_ids"]).len(), n);
+    assert_eq!(ids(&message["generation_token_ids"]).len(), chat_n);
     let last = chat_stream
         .iter()
         .rev()
