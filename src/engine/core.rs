@@ -262,10 +262,14 @@ impl EngineCore {
                 return self.publish_stats();
             }
         };
-        let generated =
-            self.scheduler
-                .update_from_output(&plan, sampled, &self.pool, &self.weight_version);
-        self.stats.record_step(generated, plan.num_tokens());
+        self.scheduler.update_from_output(
+            &plan,
+            sampled,
+            &self.pool,
+            &self.weight_version,
+            &self.stats,
+        );
+        self.stats.record_step(plan.num_tokens());
         self.publish_stats();
     }
 

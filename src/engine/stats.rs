@@ -101,10 +101,13 @@ impl EngineStats {
     pub(crate) fn add_prompt_tokens(&self, n: usize) {
         self.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
     }
-    pub(crate) fn record_step(&self, generated: usize, forwarded: usize) {
+    /// Counted before the token's event is sent, so a client that has its
+    /// response never scrapes a count without its tokens.
+    pub(crate) fn add_generation_token(&self) {
+        self.generation_tokens.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn record_step(&self, forwarded: usize) {
         self.steps.fetch_add(1, Ordering::Relaxed);
-        self.generation_tokens
-            .fetch_add(generated as u64, Ordering::Relaxed);
         self.forward_tokens
             .fetch_add(forwarded as u64, Ordering::Relaxed);
     }

@@ -5,6 +5,7 @@ use super::*;
 use crate::engine::events::EventReceiver;
 use crate::engine::params::SamplingParams;
 use crate::engine::sampler::SampledToken;
+use crate::engine::stats::EngineStats;
 use crate::model::KvPool;
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -84,7 +85,7 @@ fn apply(s: &mut Scheduler, plan: &StepPlan, pool: &KvPool) -> usize {
                 .collect(),
         })
         .collect();
-    s.update_from_output(plan, groups, pool, &Arc::from("0"))
+    s.update_from_output(plan, groups, pool, &Arc::from("0"), &EngineStats::default())
 }
 
 fn request_ids(plan: &StepPlan, s: &Scheduler) -> Vec<u64> {

@@ -7,6 +7,7 @@ use crate::engine::events::{EngineEvent, TokenEvent};
 use crate::engine::kv_manager::BlockCopier;
 use crate::engine::sampler::SampledToken;
 use crate::engine::sequence::Sequence;
+use crate::engine::stats::EngineStats;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
@@ -44,6 +45,7 @@ impl Scheduler {
         sampled: Vec<SampledGroup>,
         copier: &impl BlockCopier,
         version: &Arc<str>,
+        stats: &EngineStats,
     ) -> usize {
         let bs = self.kv.block_size();
         for chunk in &plan.chunks {
@@ -76,10 +78,10 @@ impl Scheduler {
                 }
                 sib.rng = first.rng;
                 generated += 1;
-                self.emit_or_retire(sib, first.token, version, &mut keep);
+                self.emit_or_retire(sib, first.token, version, stats, &mut keep);
             }
             generated += 1;
-            self.emit_or_retire(seq, group.leader, version, &mut keep);
+            self.emit_or_retire(seq, group.leader, version, stats, &mut keep);
         }
         self.running = keep;
         for seq in requeue {
@@ -108,6 +110,7 @@ impl Scheduler {
         mut seq: Sequence,
         sampled: SampledToken,
         version: &Arc<str>,
+        stats: &EngineStats,
         running: &mut Vec<Sequence>,
     ) {
         seq.tokens.push(sampled.token);
@@ -124,6 +127,7 @@ impl Scheduler {
                 .as_ref()
                 .map_or_else(|| version.clone(), |a| a.version.clone()),
         });
+        stats.add_generation_token();
         if seq.events.send(event).is_ok() && finish.is_none() {
             running.push(seq);
         } else {
