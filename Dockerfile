@@ -31,9 +31,9 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS run-cuda
 FROM debian:bookworm-slim AS run-cpu
 
 FROM run-${VARIANT}
-# OpenBLAS: loaded at run time for CPU matmuls (the engine falls back without it).
+# No BLAS: the engine's CPU matmuls are its own (src/model/gemm).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libopenblas0-pthread \
+ && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 gym
 COPY --from=build /src/target/release/gym-serve /usr/local/bin/gym-serve

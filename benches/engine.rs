@@ -17,11 +17,16 @@ use gym_serve::config::{Architecture, ModelConfig};
 use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
 use gym_serve::engine::{DistributionParams, EngineEvent, SamplingParams};
 use gym_serve::make_model::{config_json, random_weights, Preset};
-use gym_serve::model::{blas, skinny, Model};
+use gym_serve::model::Model;
 use gym_serve::weights::ParamStore;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
+
+#[path = "support/blas.rs"]
+mod blas;
+#[path = "support/matmul.rs"]
+mod matmul;
 
 fn gflops(flops: f64, seconds: f64) -> f64 {
     flops / seconds / 1e9
@@ -41,28 +46,6 @@ fn matmul_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
         best = best.min(t.elapsed().as_secs_f64());
     }
     gflops(2.0 * (m * k * n) as f64, best)
-}
-
-/// GFLOP/s of `[m, 1024] @ [3072, 1024]^T` (a decode step's MLP shape) with
-/// the weights streamed from memory as in a real step: the matmul cycles
-/// through 64 distinct weight matrices (800 MB), far more than any cache.
-fn cold_matmul_gflops(m: usize, weights: &[gym_serve::model::linear::Linear]) -> f64 {
-    let a = Tensor::randn(0f32, 1.0, (m, 1024), &Device::Cpu).unwrap();
-    for w in weights {
-        std::hint::black_box(w.forward(&a).unwrap());
-    }
-    // Best of three passes: each still streams all 800 MB from memory, and
-    // one short pass was at the mercy of a thread waking late.
-    let seconds = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            for w in weights {
-                std::hint::black_box(w.forward(&a).unwrap());
-            }
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min);
-    gflops(2.0 * (m * 1024 * 3072 * weights.len()) as f64, seconds)
 }
 
 /// GB/s of reading 1 GiB with every core: the bound on a decode step, which
@@ -233,8 +216,6 @@ fn main() {
         rayon::current_num_threads(),
         gym_serve::model::simd::simd()
     );
-    let blas_name = blas::blas().map_or("none (candle fallback)".to_string(), |b| b.name.clone());
-    println!("BLAS: {blas_name}");
 
     // Memory limits: a decode step streams every weight and the whole cache.
     let bandwidth = read_bandwidth_gbs();
@@ -251,52 +232,14 @@ fn main() {
         return;
     }
 
-    // Matmul limits, measured now on this machine.
+    // Matmul limits, measured now on this machine (the engine's GEMM).
     let peak_blas = matmul_gflops(2048, 2048, 2048, 3);
-    let decode_blas = matmul_gflops(64, 1024, 3072, 10);
-    blas::set_disabled(true);
-    skinny::set_disabled(true);
-    let peak_candle = matmul_gflops(2048, 2048, 2048, 3);
-    let decode_candle = matmul_gflops(64, 1024, 3072, 10);
-    blas::set_disabled(false);
-    skinny::set_disabled(false);
-    println!(
-        "\n| f32 matmul | the engine's kernel (BLAS; skinny for <= {} rows) | candle |",
-        skinny::MAX_ROWS
-    );
-    println!("| --- | ---: | ---: |");
-    println!("| 2048^3 (peak) | {peak_blas:.1} GFLOP/s | {peak_candle:.1} GFLOP/s |");
-    println!("| (64x1024)@(1024x3072)^T (decode shape) | {decode_blas:.1} GFLOP/s | {decode_candle:.1} GFLOP/s |");
-
-    // Decode-step matmuls with weights coming from memory: the skinny kernel
-    // the engine runs for up to skinny::MAX_ROWS rows against BLAS.
-    if skinny::available() {
-        let weights: Vec<_> = (0..64)
-            .map(|_| {
-                let w = Tensor::randn(0f32, 1.0, (3072, 1024), &Device::Cpu).unwrap();
-                gym_serve::model::linear::Linear::new(w, None)
-            })
-            .collect();
-        println!("\n| rows @ (1024x3072)^T, weights from memory | skinny kernel | BLAS |");
-        println!("| ---: | ---: | ---: |");
-        // Ours for every row count first, then BLAS: OpenBLAS's worker
-        // keeps spinning for a while after a call, which slowed whichever
-        // kernel ran next.
-        let rows = [1, 4, 8, 16, 32, 64];
-        let ours: Vec<f64> = rows
-            .iter()
-            .map(|&m| cold_matmul_gflops(m, &weights))
-            .collect();
-        skinny::set_disabled(true);
-        let theirs: Vec<f64> = rows
-            .iter()
-            .map(|&m| cold_matmul_gflops(m, &weights))
-            .collect();
-        skinny::set_disabled(false);
-        for ((m, ours), theirs) in rows.iter().zip(ours).zip(theirs) {
-            println!("| {m} | {ours:.1} GFLOP/s | {theirs:.1} GFLOP/s |");
-        }
-    }
+    println!("\n2048^3 f32 matmul (the engine's GEMM, warm): {peak_blas:.1} GFLOP/s");
+    let matmul_rows: Vec<usize> = std::env::var("GYM_SERVE_BENCH_MATMUL_ROWS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32, 64, 256, 1024]);
+    matmul::table(&cfg, &matmul_rows);
     if std::env::var("GYM_SERVE_BENCH_MATMUL_ONLY").is_ok() {
         return;
     }
@@ -396,7 +339,7 @@ fn main() {
         ));
         eprintln!("{label} sequences: decode {tok_s:.1} tok/s, prefill {prefill_tok_s:.0} tok/s");
     }
-    println!("\nprompt {prompt_len} tokens, {gen_len} generated per sequence; fractions are of the 2048^3 BLAS peak above");
+    println!("\nprompt {prompt_len} tokens, {gen_len} generated per sequence; fractions are of the 2048^3 GEMM peak above");
     println!("| sequences | decode tok/s | vs 1 seq | decode % of peak | memory roofline tok/s (reached) | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {

@@ -182,7 +182,7 @@ fn main() {
         stage.push(frame).unwrap();
     }
     let updates = runtime.block_on(stage.finish()).unwrap();
-    let staged = current.with_replacements(updates);
+    let staged = current.with_replacements(updates).unwrap();
     let stage_s = t.elapsed().as_secs_f64();
     drop(staged);
 

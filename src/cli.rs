@@ -75,6 +75,14 @@ pub struct ServeArgs {
     /// (`f16` works too, but on CPU through the slower portable attention).
     #[arg(long, default_value = "auto", env = "GYM_SERVE_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: KvCacheDTypeArg,
+    /// What the weight matrices are held in on CPU: `auto` keeps a bf16
+    /// checkpoint's bf16 values (half the memory and what each decode step
+    /// reads; widened exactly to f32 inside the kernels, so results equal
+    /// serving the same values as f32) and anything else as f32; `bf16`
+    /// rounds an f32 checkpoint to bf16; `f32` widens a bf16 one. Pushed
+    /// weights convert into the dtype held.
+    #[arg(long, default_value = "auto", env = "GYM_SERVE_WEIGHT_DTYPE")]
+    pub weight_dtype: WeightDTypeArg,
     /// Tokens per KV block (prefix caching works in whole blocks).
     #[arg(long, default_value_t = 16, env = "GYM_SERVE_BLOCK_SIZE")]
     pub block_size: usize,
@@ -263,6 +271,26 @@ impl KvCacheDTypeArg {
             KvCacheDTypeArg::F32 => Some(candle_core::DType::F32),
             KvCacheDTypeArg::Bf16 => Some(candle_core::DType::BF16),
             KvCacheDTypeArg::F16 => Some(candle_core::DType::F16),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum WeightDTypeArg {
+    /// The checkpoint's own: bf16 stays bf16, anything else is f32.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl WeightDTypeArg {
+    /// The dtype asked for; `None` for the checkpoint's own.
+    pub fn dtype(self) -> Option<candle_core::DType> {
+        match self {
+            WeightDTypeArg::Auto => None,
+            WeightDTypeArg::F32 => Some(candle_core::DType::F32),
+            WeightDTypeArg::Bf16 => Some(candle_core::DType::BF16),
         }
     }
 }

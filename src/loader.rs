@@ -33,6 +33,38 @@ pub fn run_dtype(device: &Device) -> DType {
     }
 }
 
+/// What the weight matrices are held in: the run dtype on GPUs; on the CPU
+/// `asked`, else bf16 for a bf16 checkpoint (our kernels widen it exactly in
+/// registers) and f32 for anything else.
+pub fn held_matrix_dtype(
+    device: &Device,
+    run: DType,
+    stored: Option<DType>,
+    asked: Option<DType>,
+) -> DType {
+    if !device.is_cpu() || run != DType::F32 {
+        return run;
+    }
+    let held = asked.unwrap_or(if stored == Some(DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F32
+    });
+    match (stored, held) {
+        (Some(DType::BF16), DType::BF16) => {
+            tracing::info!(
+                "weight matrices held as bf16 (as the checkpoint stores them), computed in f32"
+            )
+        }
+        (_, DType::BF16) => tracing::info!(
+            checkpoint = ?stored,
+            "weight matrices rounded to bf16 (--weight-dtype bf16), computed in f32"
+        ),
+        _ => tracing::info!(checkpoint = ?stored, "weight matrices held as f32"),
+    }
+    held
+}
+
 /// The device to run on: the first GPU when `gpu` is set and a GPU feature is
 /// compiled in, else the CPU.
 pub fn select_device(gpu: bool) -> Result<Device, LoadError> {
@@ -58,8 +90,20 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads the weights (converted to `dtype`) of the checkpoint in `dir`.
+    /// Loads the weights (converted to `dtype`, matrices as
+    /// [`held_matrix_dtype`] picks by default) of the checkpoint in `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, LoadError> {
+        Self::load_holding(dir, device, dtype, None)
+    }
+
+    /// [`Self::load`] with the weight matrices held as `matrices` (on the
+    /// CPU; `None`: the checkpoint's own bf16, else f32).
+    pub fn load_holding(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        matrices: Option<DType>,
+    ) -> Result<Self, LoadError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         tracing::info!(
             architecture = config.architecture.hf_class(),
@@ -75,7 +119,9 @@ impl LoadedModel {
             );
         }
         let tensors = read_checkpoint(dir, device)?;
-        let store = ParamStore::from_tensors(&config, tensors, dtype, device)?;
+        let stored = tensors.get("model.embed_tokens.weight").map(|t| t.dtype());
+        let matrices = held_matrix_dtype(device, dtype, stored, matrices);
+        let store = ParamStore::from_tensors_holding(&config, tensors, dtype, matrices, device)?;
         let model = Model::new(&config, &store, device)?;
         let chat = ChatProcessor::load(dir, &config)?;
         Ok(Self {

@@ -37,10 +37,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = model_dir.clone();
     let device_for_updates = device.clone();
-    let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&dir, &device, dtype))
-        .await
-        .context("loader thread")?
-        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let matrices = args.weight_dtype.dtype();
+    let loaded = tokio::task::spawn_blocking(move || {
+        LoadedModel::load_holding(&dir, &device, dtype, matrices)
+    })
+    .await
+    .context("loader thread")?
+    .with_context(|| format!("loading {}", model_dir.display()))?;
     tracing::info!(
         architecture = ?loaded.config.architecture,
         parameters = loaded.store.len(),

@@ -1,15 +1,16 @@
-//! The CPU fast paths (BLAS and skinny matmuls, the paged attention kernel,
-//! each instruction set this CPU has) against the portable ones GPUs run.
+//! The CPU fast paths (our GEMM and the paged attention kernel on each
+//! instruction set this CPU has) against the portable ones GPUs run, and the
+//! bitwise batch invariance they give.
 //! Its own test binary: it flips process-wide switches.
 
 mod common;
 
 use candle_core::DType;
 use gym_serve::model::simd::{self, Simd};
-use gym_serve::model::{blas, paged_attention, skinny, LogitsFor, Segment};
+use gym_serve::model::{paged_attention, LogitsFor, Segment};
 
 /// Logits of a whole prompt (one prefill step) and of its last few tokens
-/// decoded one step each (a handful of rows: the skinny matmul's case).
+/// decoded one step each (one row per step).
 fn logits(model: &gym_serve::model::Model, tokens: &[u32]) -> Vec<f32> {
     logits_with_cache(model, tokens, model.dtype())
 }
@@ -71,36 +72,66 @@ fn every_cpu_matmul_and_attention_path_agrees() {
     let (_dir, loaded) = common::tiny_qwen3(105);
     let tokens = common::prompts(&loaded).concat();
     let reference = logits(&loaded.model, &tokens);
-    // (BLAS off, skinny off, attention kernel off, instruction-set cap)
+    // (attention kernel off, instruction-set cap)
     let variants = [
-        (true, false, false, Simd::Avx512),
-        (false, true, false, Simd::Avx512),
-        (false, false, true, Simd::Avx512),
-        (true, true, true, Simd::Avx512),
-        (false, false, false, Simd::Avx2),
-        (false, false, false, Simd::Baseline),
+        (true, Simd::Avx512),
+        (false, Simd::Avx2),
+        (false, Simd::Baseline),
+        (true, Simd::Baseline),
     ];
-    for (no_blas, no_skinny, no_kernel, cap) in variants {
-        blas::set_disabled(no_blas);
-        skinny::set_disabled(no_skinny);
+    for (no_kernel, cap) in variants {
         paged_attention::set_cpu_kernel_disabled(no_kernel);
         simd::set_cap(cap);
         let other = logits(&loaded.model, &tokens);
-        blas::set_disabled(false);
-        skinny::set_disabled(false);
         paged_attention::set_cpu_kernel_disabled(false);
         simd::set_cap(Simd::Avx512);
-        let worst = reference
-            .iter()
-            .zip(&other)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_diff(&reference, &other);
         assert!(
             worst < 1e-4,
-            "blas off {no_blas}, skinny off {no_skinny}, kernel off {no_kernel}, \
-             up to {cap:?}: max logit diff {worst}"
+            "kernel off {no_kernel}, up to {cap:?}: max logit diff {worst}"
         );
     }
+}
+
+/// A position's logits are the same bits whether it was computed inside a
+/// whole-prompt prefill, a prefill chunk, or a one-token decode step: every
+/// CPU kernel reduces each row in an order fixed by the row alone.
+#[test]
+fn a_positions_logits_do_not_depend_on_how_the_step_was_cut() {
+    let _switches = switches();
+    let (_dir, loaded) = common::tiny_qwen3(107);
+    let tokens = common::prompts(&loaded).concat();
+    let vocab = loaded.model.config().vocab_size;
+    for cap in [Simd::Avx512, Simd::Avx2, Simd::Baseline] {
+        simd::set_cap(cap);
+        for kv_dtype in [DType::F32, DType::BF16] {
+            let out = logits_with_cache(&loaded.model, &tokens, kv_dtype);
+            let (prefill, decoded) = out.split_at(tokens.len() * vocab);
+            let last_four = &prefill[(tokens.len() - 4) * vocab..];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(last_four),
+                bits(decoded),
+                "{cap:?}, {kv_dtype:?} cache"
+            );
+            // Scored in chunks of 5 positions (each chunk a prefill step
+            // after the cached ones) against the one-pass scores.
+            let mut chunked = Vec::new();
+            loaded
+                .model
+                .logits_in_chunks(&tokens, 0, tokens.len(), kv_dtype, 5, None, |_, t| {
+                    chunked.extend(t.flatten_all()?.to_vec1::<f32>()?);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(
+                bits(&chunked),
+                bits(prefill),
+                "{cap:?}, {kv_dtype:?} chunks"
+            );
+        }
+    }
+    simd::set_cap(Simd::Avx512);
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -143,4 +174,36 @@ fn bf16_cache_kernel_agrees_with_the_gather_path() {
         worst > 0.0 && worst < 0.02 * scale,
         "bf16 vs f32 cache: max logit diff {worst} (largest logit {scale})"
     );
+}
+
+/// A bf16 checkpoint served with its bf16 weight matrices gives the same
+/// bits as the same checkpoint with every matrix widened to f32.
+#[test]
+fn bf16_weights_give_the_bits_of_the_same_values_as_f32() {
+    let _switches = switches();
+    let mut opts = common::tiny_options(gym_serve::config::Architecture::Qwen3, 108);
+    opts.dtype = DType::BF16;
+    let dir = common::write_model(&opts);
+    let cpu = candle_core::Device::Cpu;
+    let narrow =
+        gym_serve::loader::LoadedModel::load_holding(dir.path(), &cpu, DType::F32, None).unwrap();
+    let wide = gym_serve::loader::LoadedModel::load_holding(
+        dir.path(),
+        &cpu,
+        DType::F32,
+        Some(DType::F32),
+    )
+    .unwrap();
+    assert_eq!(narrow.store.matrix_dtype(), DType::BF16);
+    assert_eq!(wide.store.matrix_dtype(), DType::F32);
+    assert!(narrow.store.size_in_bytes() * 10 < wide.store.size_in_bytes() * 6);
+    let tokens = common::prompts(&narrow).concat();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    for cap in [Simd::Avx512, Simd::Avx2, Simd::Baseline] {
+        simd::set_cap(cap);
+        let a = bits(logits(&narrow.model, &tokens));
+        let b = bits(logits(&wide.model, &tokens));
+        simd::set_cap(Simd::Avx512);
+        assert_eq!(a, b, "{cap:?}");
+    }
 }

@@ -1,11 +1,12 @@
 //! A dense projection `y = x W^T (+ b)` over a packed `[tokens, in]` activation.
 //!
-//! On the CPU in f32, steps of a few rows (decode) run the skinny kernel
-//! ([`super::skinny`]) and larger ones BLAS ([`super::blas`]); elsewhere,
-//! candle's matmul. Keeping our own type lets that choice live in one place.
+//! On the CPU, f32 activations against f32 or bf16 weights run our GEMM
+//! ([`super::gemm`]) for every number of tokens, so a row's result never
+//! depends on what else is in the step; elsewhere, candle's matmul.
+//! Keeping our own type lets that choice live in one place.
 
-use super::blas::{blas, contiguous};
-use super::skinny;
+use super::gemm::{self, Weights};
+use super::storage::contiguous;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 #[derive(Debug, Clone)]
@@ -21,23 +22,26 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2;
-        let rows = x.dims().first().copied().unwrap_or(0);
-        let skinny = rows <= skinny::MAX_ROWS && skinny::available();
-        let y = if cpu_f32 && (skinny || blas().is_some()) {
+        let cpu = x.device().is_cpu() && self.weight.device().is_cpu();
+        let ours = cpu
+            && x.dtype() == DType::F32
+            && x.rank() == 2
+            && matches!(self.weight.dtype(), DType::F32 | DType::BF16);
+        let y = if ours {
             x.contiguous()?
                 .apply_op2_no_bwd(&self.weight, &CpuMatmulTransposed)?
         } else {
-            x.matmul(&self.weight.t()?)?
+            x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
 }
 
-/// `x @ w^T` for row-major f32 `x: [m, k]` and `w: [n, k]` on the CPU.
+/// `x @ w^T` for row-major f32 `x: [m, k]` and f32 or bf16 `w: [n, k]` on
+/// the CPU.
 struct CpuMatmulTransposed;
 
 impl CustomOp2 for CpuMatmulTransposed {
@@ -58,20 +62,14 @@ impl CustomOp2 for CpuMatmulTransposed {
             candle_core::bail!("matmul: inner dims differ ({m}x{k} @ ({n}x{k2})^T)");
         }
         let x = contiguous::<f32>(s1, l1, "input")?;
-        let w = contiguous::<f32>(s2, l2, "weight")?;
+        let w = match s2 {
+            CpuStorage::BF16(_) => Weights::Bf16(contiguous(s2, l2, "weight")?),
+            _ => Weights::F32(contiguous(s2, l2, "weight")?),
+        };
         let mut out = Vec::with_capacity(m * n);
-        if m <= skinny::MAX_ROWS
-            && skinny::matmul_t(x, m, k, w, n, &mut out.spare_capacity_mut()[..m * n])
-        {
-            // SAFETY: the kernel returned true, so it wrote all m * n values.
-            unsafe { out.set_len(m * n) };
-        } else {
-            out.resize(m * n, 0f32);
-            match blas() {
-                Some(b) => b.matmul_t(x, m, k, w, n, &mut out),
-                None => candle_core::bail!("no CPU matmul kernel for {m}x{k} @ ({n}x{k})^T"),
-            }
-        }
+        gemm::matmul_t(x, m, k, w, n, &mut out.spare_capacity_mut()[..m * n]);
+        // SAFETY: matmul_t wrote all m * n values.
+        unsafe { out.set_len(m * n) };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

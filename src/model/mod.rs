@@ -7,11 +7,11 @@
 //! the same step without padding.
 
 pub mod attention;
-pub mod blas;
 pub mod cpu_threads;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_kernels;
+pub mod gemm;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
@@ -20,7 +20,7 @@ pub mod paged_attention;
 pub mod paged_meta;
 pub mod rope;
 pub mod simd;
-pub mod skinny;
+mod storage;
 
 use crate::config::ModelConfig;
 use crate::lora::{LoraAdapter, StepAdapters};
@@ -74,6 +74,9 @@ pub struct Model {
     lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
+    /// What activations are computed in (weight matrices may be held
+    /// narrower, see [`ParamStore::matrix_dtype`]).
+    dtype: DType,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +148,7 @@ impl Model {
             lm_head,
             rope: RotaryEmbedding::new(config, store.dtype(), device)?,
             device: device.clone(),
+            dtype: store.dtype(),
         })
     }
 
@@ -161,9 +165,9 @@ impl Model {
         self.rope.max_positions()
     }
 
-    /// The dtype the weights and activations are in.
+    /// The dtype the activations are computed in.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.dtype
     }
 
     /// A key/value pool of `num_blocks` blocks of `block_size` tokens,
@@ -263,7 +267,10 @@ impl Model {
             lora: StepAdapters::new(row_adapters),
             device_meta: Default::default(),
         };
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
             let h = layer.attention.forward(&h, i, &step, pool)?;

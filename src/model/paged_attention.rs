@@ -5,9 +5,9 @@
 //! ([`PagedAttention`]); elsewhere the cached rows are gathered with
 //! `index_select` and attended with matmuls.
 
-use super::blas::contiguous;
 use super::kv_cache::slot;
 use super::simd::{simd, Simd};
+use super::storage::contiguous;
 use crate::math;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

@@ -30,6 +30,38 @@ pub(crate) fn convert_slice(bytes: &[u8], dtype: DType, out: &mut [f32]) -> bool
     }
 }
 
+/// Converts `bytes` of `dtype` (bf16, f16 or f32) into bf16 `out` (one
+/// value per source value): bf16 is copied, f16 and f32 round to nearest
+/// even as loading does (`Tensor::to_dtype`). Returns whether all are
+/// finite after rounding (an f32 near its maximum rounds to infinity).
+pub(crate) fn convert_slice_to_bf16(bytes: &[u8], dtype: DType, out: &mut [half::bf16]) -> bool {
+    if dtype == DType::BF16 {
+        let mut bad = 0u16;
+        for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let v = u16::from_le_bytes([b[0], b[1]]);
+            *d = half::bf16::from_bits(v);
+            bad |= ((v & BF16_EXP) == BF16_EXP) as u16;
+        }
+        return bad == 0;
+    }
+    // Through f32 a stack buffer at a time (f16 -> f32 is exact).
+    const STEP: usize = 256;
+    let width = f32_source_width(dtype).unwrap_or(4);
+    let mut wide = [0f32; STEP];
+    let mut finite = true;
+    for (dst, src) in out.chunks_mut(STEP).zip(bytes.chunks(STEP * width)) {
+        let wide = &mut wide[..dst.len()];
+        finite &= convert_slice(src, dtype, wide);
+        let mut bad = 0u16;
+        for (d, w) in dst.iter_mut().zip(wide.iter()) {
+            *d = half::bf16::from_f32(*w);
+            bad |= ((d.to_bits() & BF16_EXP) == BF16_EXP) as u16;
+        }
+        finite &= bad == 0;
+    }
+    finite
+}
+
 fn convert_bf16(bytes: &[u8], out: &mut [f32]) -> bool {
     let mut bad = [0u16; BLOCK];
     let mut dst = out.chunks_exact_mut(BLOCK);
@@ -131,7 +163,7 @@ fn convert_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> bool {
 pub(crate) fn fits_in_place(target: &Tensor, dtype: DType, shape: &[usize]) -> bool {
     f32_source_width(dtype).is_some()
         && target.device().is_cpu()
-        && target.dtype() == DType::F32
+        && matches!(target.dtype(), DType::F32 | DType::BF16)
         && target.dims() == shape
         && target.is_contiguous()
 }
@@ -164,8 +196,8 @@ pub(crate) fn fill_part(
     }
 }
 
-/// In-place fill of an f32 CPU tensor, from value `offset` on, with raw
-/// little-endian bytes; notes whether they were all finite.
+/// In-place fill of an f32 or bf16 CPU tensor, from value `offset` on,
+/// with raw little-endian bytes; notes whether they were all finite.
 struct FillFromBytes<'a> {
     bytes: &'a [u8],
     dtype: DType,
@@ -183,18 +215,24 @@ impl candle_core::InplaceOp1 for FillFromBytes<'_> {
         storage: &mut candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fill-from-bytes: target is not f32");
-        };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("fill-from-bytes: target is not contiguous");
         };
         let width = f32_source_width(self.dtype).unwrap_or(4);
-        let count = self.bytes.len() / width;
-        let Some(out) = data[start..end].get_mut(self.offset..self.offset + count) else {
+        let range = self.offset..self.offset + self.bytes.len() / width;
+        let finite = match storage {
+            candle_core::CpuStorage::F32(data) => data[start..end]
+                .get_mut(range)
+                .map(|out| convert_slice(self.bytes, self.dtype, out)),
+            candle_core::CpuStorage::BF16(data) => data[start..end]
+                .get_mut(range)
+                .map(|out| convert_slice_to_bf16(self.bytes, self.dtype, out)),
+            _ => candle_core::bail!("fill-from-bytes: target is not f32 or bf16"),
+        };
+        let Some(finite) = finite else {
             candle_core::bail!("fill-from-bytes: more values than the target holds");
         };
-        self.finite.set(convert_slice(self.bytes, self.dtype, out));
+        self.finite.set(finite);
         Ok(())
     }
 }

@@ -142,6 +142,8 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
 /// conversions run, and the receive buffers they use.
 pub struct StageTarget {
     pub run: DType,
+    /// What weight matrices are held in (bf16 or `run`).
+    pub matrices: DType,
     pub device: Device,
     pub spawner: Option<Spawner>,
     pub buffers: BufferPool,
@@ -200,7 +202,8 @@ fn stage_file(
         target.spawner.clone(),
         HashMap::new(),
         target.buffers.clone(),
-    );
+    )
+    .holding_matrices(target.matrices);
     let mut prefix = [0u8; PREFIX];
     file.read_exact(&mut prefix).map_err(|e| {
         WeightsError::Format(format!(

@@ -24,8 +24,21 @@ impl ParamStore {
     /// dropped.
     pub fn from_tensors(
         cfg: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, WeightsError> {
+        Self::from_tensors_holding(cfg, tensors, dtype, dtype, device)
+    }
+
+    /// [`Self::from_tensors`] with the weight matrices (every parameter of
+    /// two or more dimensions) held as `matrices` and the rest (norms,
+    /// biases) as the run dtype `dtype`.
+    pub fn from_tensors_holding(
+        cfg: &ModelConfig,
         mut tensors: HashMap<String, Tensor>,
         dtype: DType,
+        matrices: DType,
         device: &Device,
     ) -> Result<Self, WeightsError> {
         let mut out = HashMap::new();
@@ -40,7 +53,8 @@ impl ParamStore {
                     found: tensor.dims().to_vec(),
                 });
             }
-            let tensor = convert(&name, tensor, dtype, device)?;
+            let held = if tensor.rank() >= 2 { matrices } else { dtype };
+            let tensor = convert(&name, tensor, held, device)?;
             out.insert(name, tensor);
         }
         if !tensors.is_empty() {
@@ -54,14 +68,36 @@ impl ParamStore {
         })
     }
 
-    /// A new store sharing every tensor of this one but those in `updates`.
-    pub fn with_replacements(&self, updates: HashMap<String, Tensor>) -> Self {
+    /// A new store sharing every tensor of this one but those in `updates`,
+    /// each converted into the dtype the tensor it replaces is held in.
+    pub fn with_replacements(
+        &self,
+        updates: HashMap<String, Tensor>,
+    ) -> Result<Self, WeightsError> {
         let mut tensors = self.tensors.clone();
-        tensors.extend(updates);
-        Self {
+        for (name, tensor) in updates {
+            let held = self.tensors.get(&name).map_or(self.dtype, |t| t.dtype());
+            // Rounding to bf16 can overflow an f32 near its maximum.
+            let tensor = if tensor.dtype() == held {
+                tensor
+            } else {
+                let narrowed = tensor.to_dtype(held)?;
+                super::finite::check_tensor(&name, &narrowed)?;
+                narrowed
+            };
+            tensors.insert(name, tensor);
+        }
+        Ok(Self {
             tensors,
             dtype: self.dtype,
-        }
+        })
+    }
+
+    /// What the weight matrices are held in (the embedding's dtype).
+    pub fn matrix_dtype(&self) -> DType {
+        self.tensors
+            .get(super::names::EMBED_TOKENS)
+            .map_or(self.dtype, |t| t.dtype())
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor, WeightsError> {
@@ -89,7 +125,7 @@ impl ParamStore {
         v
     }
 
-    /// Total bytes held in the run dtype.
+    /// Total bytes held.
     pub fn size_in_bytes(&self) -> usize {
         self.tensors
             .values()

@@ -108,25 +108,31 @@ impl DirectFill {
 }
 
 /// Where `entry` can be converted as it arrives: its retired tensor (taken
-/// out of `reuse`) or, without one, a new f32 tensor; `None` where the
-/// run is not f32 on the CPU or the dtype has no direct conversion.
+/// out of `reuse`) or, without one, a new tensor of the dtype it is held in
+/// (`matrices` for two or more dimensions, else f32); `None` where the run
+/// is not f32 on the CPU or the dtype has no direct conversion.
 fn direct_target(
     reuse: &mut HashMap<String, Tensor>,
     cfg: &ModelConfig,
     entry: &HeaderEntry,
-    run: DType,
+    (run, matrices): (DType, DType),
     device: &Device,
 ) -> Option<DirectFill> {
     let convertible = matches!(entry.dtype, DType::BF16 | DType::F16 | DType::F32);
     if !convertible || run != DType::F32 || !device.is_cpu() || is_tied_alias(cfg, &entry.name) {
         return None;
     }
+    let held = if entry.shape.len() >= 2 {
+        matrices
+    } else {
+        run
+    };
     let retired = reuse
         .remove(&entry.name)
-        .filter(|t| fits_in_place(t, entry.dtype, &entry.shape));
+        .filter(|t| t.dtype() == held && fits_in_place(t, entry.dtype, &entry.shape));
     let target = match retired {
         Some(t) => t,
-        None => Tensor::zeros(entry.shape.as_slice(), DType::F32, &Device::Cpu).ok()?,
+        None => Tensor::zeros(entry.shape.as_slice(), held, &Device::Cpu).ok()?,
     };
     Some(DirectFill {
         name: entry.name.clone(),
@@ -142,6 +148,8 @@ pub struct StreamingUpdate {
     cfg: ModelConfig,
     mode: UpdateMode,
     run: DType,
+    /// What weight matrices are held in (bf16 or the run dtype).
+    matrices: DType,
     device: Device,
     phase: Phase,
     entries: Vec<HeaderEntry>,
@@ -213,12 +221,20 @@ impl StreamingUpdate {
             cfg: cfg.clone(),
             mode,
             run,
+            matrices: run,
             device: device.clone(),
             phase: Phase::Length(Vec::with_capacity(PREFIX)),
             entries: Vec::new(),
             pending: Vec::new(),
             header_bytes: 0,
         }
+    }
+
+    /// Converts weight matrices straight into `dtype` (what the served ones
+    /// are held in) rather than the run dtype.
+    pub fn holding_matrices(mut self, dtype: DType) -> Self {
+        self.matrices = dtype;
+        self
     }
 
     /// The whole file's size as its header describes it, once the header
@@ -279,7 +295,7 @@ impl StreamingUpdate {
                             &mut self.reuse,
                             &self.cfg,
                             entry,
-                            self.run,
+                            (self.run, self.matrices),
                             &self.device,
                         );
                     }

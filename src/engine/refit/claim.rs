@@ -79,6 +79,11 @@ impl Claim {
         self.served.dtype()
     }
 
+    /// What the served weight matrices are held in.
+    pub fn matrix_dtype(&self) -> DType {
+        self.served.matrix_dtype()
+    }
+
     /// Ends the update refused, for `reason`; returns it.
     pub fn refuse<E: std::fmt::Display>(mut self, reason: E) -> E {
         self.settle_refused(&reason);
@@ -119,7 +124,7 @@ impl Claim {
             .values()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
-        let store = self.served.with_replacements(updates);
+        let store = self.served.with_replacements(updates)?;
         let (store, model) = build_model(&self.shared, store).await?;
         let version = self
             .plan

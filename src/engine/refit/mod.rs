@@ -210,7 +210,8 @@ impl Refitter {
             Some(self.shared.spawner()),
             reuse,
             self.shared.buffers.clone(),
-        );
+        )
+        .holding_matrices(claim.matrix_dtype());
         Ok(Update::new(claim, stream))
     }
 
@@ -228,6 +229,7 @@ impl Refitter {
         let run = async move {
             let target = StageTarget {
                 run: claim.run_dtype(),
+                matrices: claim.matrix_dtype(),
                 device: shared.device.clone(),
                 spawner: Some(shared.spawner()),
                 buffers: shared.buffers.clone(),

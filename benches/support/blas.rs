@@ -1,12 +1,7 @@
-//! CPU matmuls through the system's CBLAS (OpenBLAS), loaded at run time.
-//!
-//! candle's own CPU matmul reaches about a quarter of what a tuned BLAS does on
-//! the shapes a decode step runs, so f32 projections on the CPU call
-//! `cblas_sgemm` when a library can be loaded. Nothing is needed at build time;
-//! without a library (or with `GYM_SERVE_MATMUL=candle`) candle's matmul runs.
+//! The system's CBLAS (OpenBLAS), loaded at run time, for the benchmark's
+//! opt-in comparison only (`GYM_SERVE_BENCH_BLAS=1`): the engine runs its own
+//! GEMM (src/model/gemm) and needs no BLAS.
 
-use candle_core::{CpuStorage, Layout, Result};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 // CBLAS enum values (cblas.h).
@@ -60,39 +55,20 @@ fn load() -> Option<Blas> {
             Ok(f) => *f,
             Err(_) => continue,
         };
-        tracing::info!(library = %name, "CPU matmuls use BLAS");
         return Some(Blas {
             sgemm,
             name,
             _lib: lib,
         });
     }
-    tracing::info!("no BLAS library found; CPU matmuls use candle's kernel");
     None
 }
 
 static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
-static DISABLED: AtomicBool = AtomicBool::new(false);
 
-/// The loaded BLAS, unless none was found or it is switched off.
+/// The loaded BLAS, unless none was found.
 pub fn blas() -> Option<&'static Blas> {
-    if DISABLED.load(Ordering::Relaxed) {
-        return None;
-    }
-    BLAS.get_or_init(|| {
-        if std::env::var("GYM_SERVE_MATMUL").as_deref() == Ok("candle") {
-            None
-        } else {
-            load()
-        }
-    })
-    .as_ref()
-}
-
-/// Switches BLAS off (true) or back on, process-wide: the benchmark measures
-/// candle's kernel against it in one run.
-pub fn set_disabled(disabled: bool) {
-    DISABLED.store(disabled, Ordering::Relaxed);
+    BLAS.get_or_init(load).as_ref()
 }
 
 impl Blas {
@@ -122,18 +98,5 @@ impl Blas {
                 n as i32,
             );
         }
-    }
-}
-
-/// The elements of a contiguous CPU tensor, of type `T`.
-pub(crate) fn contiguous<'s, T: candle_core::WithDType>(
-    s: &'s CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<&'s [T]> {
-    let data = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what} must be contiguous"),
     }
 }

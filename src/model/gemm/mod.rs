@@ -1,0 +1,244 @@
+//! `out = x @ w^T` on the CPU for every shape, decode and prefill alike:
+//! f32 activations `x: [m, k]` against weights `w: [n, k]` (the Hugging Face
+//! `[out, in]` layout, used in place) held as f32 or bf16.
+//!
+//! **One fixed reduction per output.** Every output `out[i][j]` is computed
+//! the same way whatever `m` is, whichever register tile or thread it lands
+//! in, and on every instruction set (AVX-512, AVX2, portable):
+//!
+//! 1. sixteen lane sums, lane `l` a chain of fused multiply-adds over
+//!    `k = 16c + l` for `c = 0, 1, ...` in order, starting from `0.0`;
+//! 2. a fixed tree over the lanes: `l[i] + l[i+8]`, then `+4`, `+2`, `+1`;
+//! 3. the last `k % 16` products fused onto that sum in order.
+//!
+//! So row `i` of an `m`-row product is bit-identical to the one-row product
+//! of row `i` (what makes a request's results independent of the batch it
+//! ran in), and bf16 weights, widened exactly in registers, give exactly the
+//! f32 results of the same values stored as f32.
+//!
+//! Work splits over output columns in fixed chunks of [`CHUNK_COLS`] weight
+//! rows; within a chunk each register tile takes a few activation rows and
+//! a few weight rows whole (both stay in L1/L2 while their tile runs).
+//! Dispatch is by [`Simd`] at run time; a new backend adds a tile kernel
+//! with the same reduction.
+
+mod portable;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use super::simd::{simd, Simd};
+use half::bf16;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Weights `[n, k]`, row-major, as stored in memory.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    /// Widened to f32 in registers (exact: a bf16 is the top half of an f32).
+    Bf16(&'a [bf16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Start of weight row `r` (of `k` values), as bytes.
+    fn row(&self, r: usize, k: usize) -> *const u8 {
+        match self {
+            Weights::F32(w) => w[r * k..].as_ptr() as *const u8,
+            Weights::Bf16(w) => w[r * k..].as_ptr() as *const u8,
+        }
+    }
+
+    fn is_bf16(&self) -> bool {
+        matches!(self, Weights::Bf16(_))
+    }
+}
+
+/// Most activation rows in one register tile (any kernel).
+pub(crate) const MAX_TILE_ROWS: usize = 4;
+/// Most weight rows in one register tile (any kernel).
+pub(crate) const MAX_TILE_COLS: usize = 6;
+
+/// Pointers one register tile reads: `rows` activation rows of `k` values
+/// and `cols` weight rows of `k` values (f32 or bf16 as `bf16` says).
+pub(crate) struct Tile {
+    pub x: [*const f32; MAX_TILE_ROWS],
+    pub rows: usize,
+    pub w: [*const u8; MAX_TILE_COLS],
+    pub cols: usize,
+    pub k: usize,
+    pub bf16: bool,
+}
+
+/// `sums[i][r]`: the output of activation row `i` and weight row `r`.
+pub(crate) type TileSums = [[f32; MAX_TILE_COLS]; MAX_TILE_ROWS];
+
+/// Weight rows (output columns) per parallel task: fixed, so the split of
+/// work never depends on the number of rows. 48 rows of 1024 f32 (192 KB)
+/// stay in L2 while every activation row passes them.
+pub const CHUNK_COLS: usize = 48;
+
+/// The tile shape (activation rows, weight rows) each kernel runs.
+fn tile_shape(isa: Simd) -> (usize, usize) {
+    match isa {
+        // 24 accumulators, 4 activation vectors and a weight vector of 32.
+        Simd::Avx512 => (4, 6),
+        // 2 x 3 outputs of two 8-lane halves each: 12 of 16 registers.
+        Simd::Avx2 => (2, 3),
+        Simd::Baseline => (1, 1),
+    }
+}
+
+/// Output pointer shared by the tasks; each writes its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own output columns).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `at` is inside the output and no other task writes it.
+    unsafe fn write(self, at: usize, value: f32) {
+        *self.0.add(at) = value;
+    }
+}
+
+/// `out[i, j] = sum_k x[i, k] * w[j, k]` (row-major), with the fixed
+/// reduction of the module docs, on the best kernel this CPU has. `out` need
+/// not be initialized: all of its first `m * n` values are written (a
+/// decode step's logits are 150k floats a row, not worth zeroing first).
+pub fn matmul_t(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    matmul_t_with(simd(), x, m, k, w, n, out)
+}
+
+pub(crate) fn matmul_t_with(
+    isa: Simd,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (tile_rows, tile_cols) = tile_shape(isa);
+    let (x, stride) = padded_rows(x, m, k);
+    let x = &x;
+    let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
+    (0..n.div_ceil(CHUNK_COLS)).into_par_iter().for_each(|c| {
+        let (n0, n1) = (c * CHUNK_COLS, ((c + 1) * CHUNK_COLS).min(n));
+        let mut sums: TileSums = [[0.0; MAX_TILE_COLS]; MAX_TILE_ROWS];
+        for i0 in (0..m).step_by(tile_rows) {
+            let rows = tile_rows.min(m - i0);
+            for j0 in (n0..n1).step_by(tile_cols) {
+                let cols = tile_cols.min(n1 - j0);
+                // Past the last row or column the tile repeats it; those
+                // sums are dropped.
+                let tile = Tile {
+                    x: std::array::from_fn(|i| x[(i0 + i.min(rows - 1)) * stride..].as_ptr()),
+                    rows,
+                    w: std::array::from_fn(|r| w.row(j0 + r.min(cols - 1), k)),
+                    cols,
+                    k,
+                    bf16: w.is_bf16(),
+                };
+                // SAFETY: every pointer starts `k` readable values of its
+                // kind; `isa` is one this CPU has (callers pass `simd()` or
+                // less).
+                unsafe { run_tile(isa, tile_rows, tile_cols, &tile, &mut sums) };
+                for (i, row) in sums.iter().enumerate().take(rows) {
+                    for (r, &v) in row.iter().enumerate().take(cols) {
+                        // SAFETY: i0 + i < m, j0 + r < n1 <= n; this task
+                        // alone writes columns n0..n1.
+                        unsafe { out_ptr.write((i0 + i) * n + j0 + r, v) };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `x`'s rows `k + 16` floats apart when `k` is a multiple of 1024: rows
+/// exactly 4 KiB apart all map to the same L1 sets, and a tile reads
+/// several at once (padding cannot change a result, only where rows live).
+fn padded_rows(x: &[f32], m: usize, k: usize) -> (std::borrow::Cow<'_, [f32]>, usize) {
+    if m == 1 || k % 1024 != 0 {
+        return (std::borrow::Cow::Borrowed(x), k);
+    }
+    let stride = k + 16;
+    let mut padded = vec![0f32; m * stride];
+    for (dst, src) in padded.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
+        dst[..k].copy_from_slice(src);
+    }
+    (std::borrow::Cow::Owned(padded), stride)
+}
+
+/// One register tile on `isa`'s kernel.
+///
+/// # Safety
+/// As for [`Tile`]; the CPU has `isa`.
+unsafe fn run_tile(isa: Simd, tile_rows: usize, tile_cols: usize, t: &Tile, sums: &mut TileSums) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => {
+            debug_assert_eq!((tile_rows, tile_cols), (4, 6));
+            x86::tile_avx512(t, sums)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => {
+            debug_assert_eq!((tile_rows, tile_cols), (2, 3));
+            x86::tile_avx2(t, sums)
+        }
+        _ => portable::tile(t, sums),
+    }
+}
+
+/// Step 2 and 3 of the reduction (module docs) over plain lane sums: the
+/// definition the vector kernels reproduce.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn finish(lanes: &[f32; 16], tail: impl Iterator<Item = (f32, f32)>) -> f32 {
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = lanes[i] + lanes[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
+    let mut s = s2[0] + s2[1];
+    for (w, x) in tail {
+        s = w.mul_add(x, s);
+    }
+    s
+}
+
+/// A weight value as f32 (bf16 widened exactly).
+///
+/// # Safety
+/// `row` starts at least `at + 1` values of the kind `bf16` says.
+#[inline(always)]
+pub(crate) unsafe fn weight_at(row: *const u8, at: usize, bf16: bool) -> f32 {
+    if bf16 {
+        f32::from_bits((*(row as *const u16).add(at) as u32) << 16)
+    } else {
+        *(row as *const f32).add(at)
+    }
+}

@@ -1,0 +1,25 @@
+//! The reduction of [`super`] in plain Rust, one output at a time: the
+//! kernel of CPUs without AVX2 and the definition the vector kernels match
+//! bit for bit (`f32::mul_add` is the same single-rounding fused
+//! multiply-add they issue).
+
+use super::{finish, weight_at, Tile, TileSums};
+
+/// # Safety
+/// As for [`Tile`].
+pub(super) unsafe fn tile(t: &Tile, sums: &mut TileSums) {
+    let full = t.k / 16 * 16;
+    for i in 0..t.rows {
+        for r in 0..t.cols {
+            let (x, w) = (t.x[i], t.w[r]);
+            let mut lanes = [0f32; 16];
+            for c in (0..full).step_by(16) {
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    *lane = weight_at(w, c + l, t.bf16).mul_add(*x.add(c + l), *lane);
+                }
+            }
+            let tail = (full..t.k).map(|kk| (weight_at(w, kk, t.bf16), *x.add(kk)));
+            sums[i][r] = finish(&lanes, tail);
+        }
+    }
+}

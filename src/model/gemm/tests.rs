@@ -1,0 +1,119 @@
+use super::*;
+
+/// Deterministic values in [-0.5, 0.5) with full 24-bit mantissas.
+fn values(seed: u64, len: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+fn run(isa: Simd, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize) -> Vec<f32> {
+    let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+    matmul_t_with(isa, x, m, k, w, n, &mut out);
+    // SAFETY: f32 has no invalid bit patterns (and every value was NaN before).
+    out.iter().map(|o| unsafe { o.assume_init() }).collect()
+}
+
+/// Every kernel this CPU can run, the portable one included.
+fn kernels() -> Vec<Simd> {
+    [Simd::Avx512, Simd::Avx2, Simd::Baseline]
+        .into_iter()
+        .filter(|&isa| simd() >= isa)
+        .collect()
+}
+
+/// Shapes of every class: 1..64 rows and more, `k` and `n` off every
+/// tile and chunk size (16 lanes, 4 x 6 and 2 x 3 tiles, 48-column chunks).
+const SHAPES: [(usize, usize, usize); 12] = [
+    (1, 7, 5),
+    (1, 1024, 53),
+    (2, 37, 9),
+    (3, 100, 13),
+    (5, 48, 50),
+    (8, 1031, 7),
+    (13, 33, 97),
+    (31, 64, 25),
+    (64, 129, 49),
+    (65, 17, 11),
+    (300, 131, 61),
+    (8192, 19, 7),
+];
+
+#[test]
+fn matches_an_f64_reference_within_f32_rounding() {
+    for isa in kernels() {
+        for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let x = values(2 * s as u64, m * k);
+            let w = values(2 * s as u64 + 1, n * k);
+            let out = run(isa, &x, m, k, Weights::F32(&w), n);
+            // A chain of at most k roundings: |error| <= k u sum |x w|.
+            let bound = (k + 8) as f64 * f64::powi(2.0, -24);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut magnitude) = (0f64, 0f64);
+                    for kk in 0..k {
+                        let p = x[i * k + kk] as f64 * w[j * k + kk] as f64;
+                        exact += p;
+                        magnitude += p.abs();
+                    }
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound * magnitude,
+                        "{isa:?} {m}x{k}x{n} [{i},{j}]: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_row_is_bit_identical_whatever_else_is_in_the_product() {
+    for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+        let x = values(7 + s as u64, m * k);
+        let w = values(99 + s as u64, n * k);
+        let reference = run(Simd::Baseline, &x, m, k, Weights::F32(&w), n);
+        for isa in kernels() {
+            let all = run(isa, &x, m, k, Weights::F32(&w), n);
+            assert_eq!(bits(&all), bits(&reference), "{isa:?} {m}x{k}x{n}");
+            // Each row alone, and the rows from `i` on (other tile phases).
+            for i in [0, m / 2, m - 1] {
+                let row = run(isa, &x[i * k..(i + 1) * k], 1, k, Weights::F32(&w), n);
+                assert_eq!(
+                    bits(&row),
+                    bits(&all[i * n..(i + 1) * n]),
+                    "{isa:?} row {i}"
+                );
+                let rest = run(isa, &x[i * k..], m - i, k, Weights::F32(&w), n);
+                assert_eq!(bits(&rest), bits(&all[i * n..]), "{isa:?} rows {i}..");
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_weights_give_the_f32_results_of_the_same_values() {
+    for (s, &(m, k, n)) in SHAPES.iter().enumerate().filter(|(_, s)| s.0 < 1000) {
+        let x = values(3 * s as u64, m * k);
+        let w16: Vec<bf16> = values(5 * s as u64, n * k)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        for isa in kernels() {
+            let narrow = run(isa, &x, m, k, Weights::Bf16(&w16), n);
+            let wide = run(isa, &x, m, k, Weights::F32(&w32), n);
+            assert_eq!(bits(&narrow), bits(&wide), "{isa:?} {m}x{k}x{n}");
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}

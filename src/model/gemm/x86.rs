@@ -1,0 +1,156 @@
+//! AVX-512 and AVX2 register tiles computing the reduction of [`super`]:
+//! each output's sixteen lanes live in one 16-lane register (AVX-512) or
+//! two 8-lane halves (AVX2), then fold in the same fixed tree.
+
+use super::{weight_at, Tile, TileSums, MAX_TILE_COLS, MAX_TILE_ROWS};
+use std::arch::x86_64::*;
+
+/// How far ahead in each weight row the kernels prefetch (bytes): a few
+/// cache lines, so the weight streams keep the memory bus busy when a
+/// decode step's few rows leave the kernel waiting on memory.
+const PREFETCH_AHEAD: usize = 512;
+
+/// Sixteen weights of `row` from value `at`, widened to f32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16<const BF16: bool>(row: *const u8, at: usize) -> __m512 {
+    if BF16 {
+        let half = _mm256_loadu_si256(row.add(2 * at) as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+    } else {
+        _mm512_loadu_ps(row.add(4 * at) as *const f32)
+    }
+}
+
+/// Eight weights of `row` from value `at`, widened to f32.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load8<const BF16: bool>(row: *const u8, at: usize) -> __m256 {
+    if BF16 {
+        let half = _mm_loadu_si128(row.add(2 * at) as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
+    } else {
+        _mm256_loadu_ps(row.add(4 * at) as *const f32)
+    }
+}
+
+/// Lanes `l[i] + l[i+4]`, `+2`, `+1` of eight lanes that are already
+/// `l[i] + l[i+8]` of sixteen (see [`super::finish`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fold8(s8: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+    _mm_cvtss_f32(s1)
+}
+
+/// The tail of the reduction: the last `k % 16` products, in order.
+#[inline(always)]
+unsafe fn tail(mut s: f32, t: &Tile, i: usize, r: usize, full: usize) -> f32 {
+    for kk in full..t.k {
+        s = weight_at(t.w[r], kk, t.bf16).mul_add(*t.x[i].add(kk), s);
+    }
+    s
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn avx512<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSums) {
+    const NR: usize = 6;
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let full = t.k / 16 * 16;
+    let esize = if BF16 { 2 } else { 4 };
+    let mut c = 0;
+    while c < full {
+        let mut xv = [_mm512_setzero_ps(); MR];
+        for i in 0..MR {
+            xv[i] = _mm512_loadu_ps(t.x[i].add(c));
+        }
+        for r in 0..NR {
+            _mm_prefetch::<_MM_HINT_T0>(
+                t.w[r].wrapping_add(c * esize + PREFETCH_AHEAD) as *const i8
+            );
+            let wv = load16::<BF16>(t.w[r], c);
+            for i in 0..MR {
+                acc[i][r] = _mm512_fmadd_ps(wv, xv[i], acc[i][r]);
+            }
+        }
+        c += 16;
+    }
+    for i in 0..MR {
+        for r in 0..NR {
+            let v = acc[i][r];
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let s8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+            sums[i][r] = tail(fold8(s8), t, i, r, full);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSums) {
+    const NR: usize = 3;
+    // acc[i][r][h]: lanes 8h..8h + 8 of output (i, r).
+    let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
+    let full = t.k / 16 * 16;
+    let esize = if BF16 { 2 } else { 4 };
+    let mut c = 0;
+    while c < full {
+        for h in 0..2 {
+            let mut xv = [_mm256_setzero_ps(); MR];
+            for i in 0..MR {
+                xv[i] = _mm256_loadu_ps(t.x[i].add(c + 8 * h));
+            }
+            for r in 0..NR {
+                if h == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        t.w[r].wrapping_add(c * esize + PREFETCH_AHEAD) as *const i8
+                    );
+                }
+                let wv = load8::<BF16>(t.w[r], c + 8 * h);
+                for i in 0..MR {
+                    acc[i][r][h] = _mm256_fmadd_ps(wv, xv[i], acc[i][r][h]);
+                }
+            }
+        }
+        c += 16;
+    }
+    for i in 0..MR {
+        for r in 0..NR {
+            let s8 = _mm256_add_ps(acc[i][r][0], acc[i][r][1]);
+            sums[i][r] = tail(fold8(s8), t, i, r, full);
+        }
+    }
+}
+
+const _: () = assert!(MAX_TILE_ROWS >= 4 && MAX_TILE_COLS >= 6);
+
+/// A 4 x 6 tile (fewer activation rows at the end of a matrix).
+///
+/// # Safety
+/// As for [`Tile`]; the CPU has AVX-512F.
+pub(super) unsafe fn tile_avx512(t: &Tile, sums: &mut TileSums) {
+    match (t.rows, t.bf16) {
+        (1, false) => avx512::<1, false>(t, sums),
+        (2, false) => avx512::<2, false>(t, sums),
+        (3, false) => avx512::<3, false>(t, sums),
+        (_, false) => avx512::<4, false>(t, sums),
+        (1, true) => avx512::<1, true>(t, sums),
+        (2, true) => avx512::<2, true>(t, sums),
+        (3, true) => avx512::<3, true>(t, sums),
+        (_, true) => avx512::<4, true>(t, sums),
+    }
+}
+
+/// A 2 x 3 tile.
+///
+/// # Safety
+/// As for [`Tile`]; the CPU has AVX2 and FMA.
+pub(super) unsafe fn tile_avx2(t: &Tile, sums: &mut TileSums) {
+    match (t.rows, t.bf16) {
+        (1, false) => avx2::<1, false>(t, sums),
+        (_, false) => avx2::<2, false>(t, sums),
+        (1, true) => avx2::<1, true>(t, sums),
+        (_, true) => avx2::<2, true>(t, sums),
+    }
+}
