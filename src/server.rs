@@ -37,6 +37,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = model_dir.clone();
     let device_for_updates = device.clone();
+    // Our CPU kernels reduce every row in a fixed order; candle's GPU ones
+    // do not promise that.
+    let deterministic = device.is_cpu();
     let matrices = args.weight_dtype.dtype();
     let loaded = tokio::task::spawn_blocking(move || {
         LoadedModel::load_holding(&dir, &device, dtype, matrices)
@@ -54,7 +57,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let chat = Arc::new(loaded.chat);
     let max_weights_bytes = args
         .max_weights_bytes
-        .unwrap_or_else(|| (2 * loaded.store.size_in_bytes()).max(64 << 20));
+        // Twice the f32 size, whatever the weights are held in: a trainer
+        // may push f32 into bf16-held weights.
+        .unwrap_or_else(|| (8 * loaded.store.elem_count()).max(64 << 20));
     let lora = Arc::new(crate::lora::LoraRegistry::new(crate::lora::LoraLimits {
         max_loras: args.lora.max_loras,
         max_rank: args.lora.max_lora_rank,
@@ -147,6 +152,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         memory,
         lora,
+        deterministic,
     });
     for m in &args.lora.lora_modules {
         crate::api::lora::load_adapter(&state, &m.name, m.path.clone())

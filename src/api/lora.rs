@@ -152,6 +152,7 @@ pub fn adapter_card<'a>(state: &'a AppState, a: &'a LoraAdapter) -> super::proto
         max_model_len: state.max_model_len(),
         parent: Some(&state.served_model_name),
         weight_version: Some(&a.version),
+        deterministic: state.deterministic,
     }
 }
 

@@ -64,6 +64,9 @@ pub struct AppState {
     pub memory: Arc<admission::MemoryBudget>,
     /// The LoRA adapters served beside the base model (shared with the engine).
     pub lora: Arc<crate::lora::LoraRegistry>,
+    /// Bitwise batch invariance: a request's results do not depend on the
+    /// batch, cache hits, chunking or preemption (`/v1/models`).
+    pub deterministic: bool,
 }
 
 impl AppState {
@@ -180,6 +183,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
         max_model_len: state.max_model_len(),
         parent: None,
         weight_version: None,
+        deterministic: state.deterministic,
     }];
     data.extend(adapters.iter().map(|a| lora::adapter_card(&state, a)));
     Json(protocol::ModelList {

@@ -137,36 +137,84 @@ fn axpy<const FMA: bool, E: KvElement>(alpha: f32, x: &[E], y: &mut [f32]) {
     }
 }
 
+/// Queries of one sequence attended together (prefill): each key and value
+/// row read from the cache serves all of them, where one query at a time
+/// read the whole context once per query. Each query's arithmetic is the
+/// same as alone (see [`PagedAttention::group_rows`]), so the tile size
+/// cannot change a result.
+const QUERY_TILE: usize = 8;
+
+/// One work item: queries `first..first + count` of span `span`, against
+/// KV head `kv_head`.
+#[derive(Clone, Copy)]
+struct Item {
+    span: usize,
+    first: usize,
+    count: usize,
+    kv_head: usize,
+}
+
+/// The attention output, written by many items at once: each writes its
+/// own queries' columns of its own KV head, which no other item touches.
+#[derive(Clone, Copy)]
+struct OutRows(*mut f32, usize);
+// SAFETY: items write disjoint elements (see the type's docs).
+unsafe impl Send for OutRows {}
+unsafe impl Sync for OutRows {}
+
+impl OutRows {
+    /// # Safety
+    /// `at + src.len()` is inside the output and no other item writes there.
+    unsafe fn write(self, at: usize, src: &[f32]) {
+        debug_assert!(at + src.len() <= self.1);
+        std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len());
+    }
+}
+
 impl PagedAttention<'_> {
-    /// Attention of one query token against one KV head's cached positions,
-    /// for the `group` query heads that share that KV head. Reading each key
-    /// and value row once for the whole group, a block's run at a time, keeps
-    /// the kernel close to the memory bandwidth the cache needs. `out` holds
-    /// the group's heads.
+    /// Attention of `count` consecutive query tokens (from `first`) of one
+    /// sequence against one KV head's cached positions, for the `group`
+    /// query heads that share that KV head; returns their outputs,
+    /// `[count, group * hd]`. Each key and value row is read once for the
+    /// whole tile, a block's run at a time, which keeps decode close to the
+    /// memory bandwidth the cache needs and prefill from re-reading the
+    /// context per query.
+    ///
+    /// Every query's result is computed exactly as if it were alone: its
+    /// scores are the same dot products, its softmax runs over its own
+    /// visible positions, and its output sums the values in position order.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn group_row<const L: usize, const FMA: bool, E: KvElement>(
+    fn group_rows<const L: usize, const FMA: bool, E: KvElement>(
         &self,
         q: &[f32],
         k: &[E],
         v: &[E],
         span: &SeqSpan<'_>,
-        i: usize,
+        first: usize,
+        count: usize,
         kvh: usize,
-        out: &mut [f32],
-    ) {
+    ) -> Vec<f32> {
         let (nh, hd, bs) = (self.num_heads, self.head_dim, self.block_size);
         let group = nh / self.num_kv_heads;
+        let width = group * hd;
         // This head's part of the pool: `[slots, hd]`.
         let head_len = k.len() / self.num_kv_heads;
         let (k, v) = (
             &k[kvh * head_len..][..head_len],
             &v[kvh * head_len..][..head_len],
         );
-        let visible = span.offset + i + 1;
+        // Query `t` of the tile sees positions `..base + t + 1`.
+        let base = span.offset + first;
+        let visible = base + count;
         let scale = 1.0 / (hd as f32).sqrt();
-        let q_row = &q[(span.start + i) * nh * hd + kvh * group * hd..][..group * hd];
-        let q_scaled: Vec<f32> = q_row.iter().map(|x| x * scale).collect();
+        let mut q_scaled = Vec::with_capacity(count * width);
+        for t in 0..count {
+            let row = &q[(span.start + first + t) * nh * hd + kvh * width..][..width];
+            q_scaled.extend(row.iter().map(|x| x * scale));
+        }
+        // The tile's queries that see position `p`.
+        let seeing = |p: usize| p.saturating_sub(base)..count;
         // Runs of consecutive positions: (first position, pool row, length).
         let runs = (0..visible.div_ceil(bs)).map(|b| {
             let first = b * bs;
@@ -176,7 +224,8 @@ impl PagedAttention<'_> {
                 bs.min(visible - first),
             )
         });
-        let mut scores = vec![0f32; group * visible];
+        // Row `t * group + g`: query `t`, head `g`, one score per position.
+        let mut scores = vec![0f32; count * group * visible];
         // The block `ahead` blocks on in the run, so each row read here can
         // prefetch the same row there: a row's worth of prefetches at a time,
         // because a whole block at once overflows the core's line-fill
@@ -198,21 +247,28 @@ impl PagedAttention<'_> {
                 if let Some(further) = further {
                     prefetch(&further[j * hd..][..hd], CacheLevel::L2);
                 }
-                for g in 0..group {
-                    scores[g * visible + first + j] =
-                        dot::<L, FMA, E>(&q_scaled[g * hd..(g + 1) * hd], key);
+                let p = first + j;
+                for t in seeing(p) {
+                    for g in 0..group {
+                        let at = (t * group + g) * hd;
+                        scores[(t * group + g) * visible + p] =
+                            dot::<L, FMA, E>(&q_scaled[at..at + hd], key);
+                    }
                 }
             }
         }
-        for g in 0..group {
-            let row = &mut scores[g * visible..(g + 1) * visible];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            // Separate passes: a running sum would keep the exps scalar.
-            row.iter_mut().for_each(|x| *x = math::exp(*x - max));
-            let inv = 1.0 / sum::<L>(row);
-            row.iter_mut().for_each(|x| *x *= inv);
+        for t in 0..count {
+            let sees = base + t + 1;
+            for g in 0..group {
+                let row = &mut scores[(t * group + g) * visible..][..sees];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // Separate passes: a running sum would keep the exps scalar.
+                row.iter_mut().for_each(|x| *x = math::exp(*x - max));
+                let inv = 1.0 / sum::<L>(row);
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
         }
-        out.fill(0.0);
+        let mut out = vec![0f32; count * width];
         for (b, (first, row, len)) in runs.enumerate() {
             let ahead = block_after(b, 1).map(|at| &v[at..][..bs * hd]);
             let further = block_after(b, 2).map(|at| &v[at..][..bs * hd]);
@@ -224,79 +280,96 @@ impl PagedAttention<'_> {
                 if let Some(further) = further {
                     prefetch(&further[j * hd..][..hd], CacheLevel::L2);
                 }
-                for g in 0..group {
-                    axpy::<FMA, E>(
-                        scores[g * visible + first + j],
-                        value,
-                        &mut out[g * hd..(g + 1) * hd],
-                    );
+                let p = first + j;
+                for t in seeing(p) {
+                    for g in 0..group {
+                        let at = (t * group + g) * hd;
+                        axpy::<FMA, E>(
+                            scores[(t * group + g) * visible + p],
+                            value,
+                            &mut out[at..at + hd],
+                        );
+                    }
                 }
             }
         }
+        out
     }
 
-    fn run<E: KvElement>(
-        &self,
-        q: &[f32],
-        k: &[E],
-        v: &[E],
-        items: &[(usize, usize)],
-        out: &mut [f32],
-    ) {
-        let group_len = self.num_heads / self.num_kv_heads * self.head_dim;
+    fn run<E: KvElement>(&self, q: &[f32], k: &[E], v: &[E], out: &mut [f32]) {
         let nkv = self.num_kv_heads;
+        let width = self.num_heads / nkv * self.head_dim;
+        let row = self.num_heads * self.head_dim;
         let simd = simd();
-        // One work item per (query token, KV head).
-        out.par_chunks_mut(group_len)
+        let items: Vec<Item> = self
+            .spans
+            .iter()
             .enumerate()
-            .for_each(|(c, o)| {
-                let (si, i) = items[c / nkv];
-                let span = &self.spans[si];
-                let kvh = c % nkv;
-                match simd {
-                    // SAFETY: the CPU has the features (checked by `simd`).
-                    #[cfg(target_arch = "x86_64")]
-                    Simd::Avx512 => unsafe { self.group_row_avx512(q, k, v, span, i, kvh, o) },
-                    // SAFETY: as above.
-                    #[cfg(target_arch = "x86_64")]
-                    Simd::Avx2 => unsafe { self.group_row_avx2(q, k, v, span, i, kvh, o) },
-                    _ => self.group_row::<8, false, E>(q, k, v, span, i, kvh, o),
-                }
-            });
+            .flat_map(|(si, s)| {
+                (0..s.len).step_by(QUERY_TILE).flat_map(move |first| {
+                    (0..nkv).map(move |kv_head| Item {
+                        span: si,
+                        first,
+                        count: QUERY_TILE.min(s.len - first),
+                        kv_head,
+                    })
+                })
+            })
+            .collect();
+        let out_rows = OutRows(out.as_mut_ptr(), out.len());
+        items.par_iter().for_each(|it| {
+            let span = &self.spans[it.span];
+            let (f, c, h) = (it.first, it.count, it.kv_head);
+            let tile = match simd {
+                // SAFETY: the CPU has the features (checked by `simd`).
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx512 => unsafe { self.group_rows_avx512(q, k, v, span, f, c, h) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { self.group_rows_avx2(q, k, v, span, f, c, h) },
+                _ => self.group_rows::<8, false, E>(q, k, v, span, f, c, h),
+            };
+            for (t, src) in tile.chunks_exact(width).enumerate() {
+                let at = (span.start + f + t) * row + h * width;
+                // SAFETY: token `span.start + f + t` is inside the batch,
+                // and only this item writes its KV head's columns of it.
+                unsafe { out_rows.write(at, src) };
+            }
+        });
     }
 
-    /// [`Self::group_row`] compiled for AVX2 + FMA.
+    /// [`Self::group_rows`] compiled for AVX2 + FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group_row_avx2<E: KvElement>(
+    unsafe fn group_rows_avx2<E: KvElement>(
         &self,
         q: &[f32],
         k: &[E],
         v: &[E],
         span: &SeqSpan<'_>,
-        i: usize,
+        first: usize,
+        count: usize,
         kvh: usize,
-        out: &mut [f32],
-    ) {
-        self.group_row::<8, true, E>(q, k, v, span, i, kvh, out)
+    ) -> Vec<f32> {
+        self.group_rows::<8, true, E>(q, k, v, span, first, count, kvh)
     }
 
-    /// [`Self::group_row`] compiled for AVX-512 (16-lane accumulators).
+    /// [`Self::group_rows`] compiled for AVX-512 (16-lane accumulators).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group_row_avx512<E: KvElement>(
+    unsafe fn group_rows_avx512<E: KvElement>(
         &self,
         q: &[f32],
         k: &[E],
         v: &[E],
         span: &SeqSpan<'_>,
-        i: usize,
+        first: usize,
+        count: usize,
         kvh: usize,
-        out: &mut [f32],
-    ) {
-        self.group_row::<16, true, E>(q, k, v, span, i, kvh, out)
+    ) -> Vec<f32> {
+        self.group_rows::<16, true, E>(q, k, v, span, first, count, kvh)
     }
 }
 
@@ -318,26 +391,28 @@ impl CustomOp3 for PagedAttention<'_> {
         let tokens: usize = self.spans.iter().map(|s| s.len).sum();
         let row = self.num_heads * self.head_dim;
         let mut out = vec![0f32; tokens * row];
-        // (span, query index) for each token, in batch order.
-        let items: Vec<(usize, usize)> = self
+        // Items write their spans' rows of `out` in parallel: spans must
+        // be inside the batch and apart.
+        let apart = self
             .spans
-            .iter()
-            .enumerate()
-            .flat_map(|(si, s)| (0..s.len).map(move |i| (si, i)))
-            .collect();
+            .windows(2)
+            .all(|w| w[0].start + w[0].len <= w[1].start);
+        if q.len() < tokens * row || !apart || self.spans.iter().any(|s| s.start + s.len > tokens) {
+            candle_core::bail!(
+                "paged attention: spans overlap or lie outside the {tokens} queries"
+            );
+        }
         match (ks, vs) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
                 q,
                 contiguous::<f32>(ks, kl, "keys")?,
                 contiguous::<f32>(vs, vl, "values")?,
-                &items,
                 &mut out,
             ),
             (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
                 q,
                 contiguous::<half::bf16>(ks, kl, "keys")?,
                 contiguous::<half::bf16>(vs, vl, "values")?,
-                &items,
                 &mut out,
             ),
             _ => candle_core::bail!("paged attention: keys and values must both be f32 or bf16"),

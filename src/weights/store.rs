@@ -125,6 +125,11 @@ impl ParamStore {
         v
     }
 
+    /// Number of parameter values.
+    pub fn elem_count(&self) -> usize {
+        self.tensors.values().map(|t| t.elem_count()).sum()
+    }
+
     /// Total bytes held.
     pub fn size_in_bytes(&self) -> usize {
         self.tensors

@@ -176,6 +176,8 @@ pub struct ModelCard<'a> {
     /// An adapter's version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_version: Option<&'a str>,
+    /// Whether results are bitwise batch-invariant (true on CPU).
+    pub deterministic: bool,
 }
 
 /// `POST /tokenize`.
