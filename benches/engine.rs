@@ -1,15 +1,19 @@
-//! Engine throughput on the `qwen3-0.6b-shape` preset in f32 (CPU):
-//! the machine's f32 matmul peak (BLAS and candle kernels), decode tokens/s
-//! at 1, 8, 32 and 64 concurrent sequences (256-token prompts, 128 generated),
+//! Engine throughput on the `qwen3-0.6b-shape` preset (CPU, f32 arithmetic):
+//! the machine's f32 matmul peak (the engine's GEMM), decode tokens/s at 1,
+//! 8, 32 and 64 concurrent sequences (256-token prompts, 128 generated) with
+//! the weight matrices held as f32 and as bf16, a 4,000-token prompt,
 //! prefill tokens/s, a GRPO group (one 512-token prompt, n = 16) and peak RSS;
 //! and the memory side: read bandwidth, the decode attention kernel's share
 //! of it, and each decode figure against the step's memory roofline.
 //!
 //! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
 //! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
+//! GYM_SERVE_BENCH_WEIGHTS=bf16 for one weight dtype, GYM_SERVE_BENCH_LONG=N
+//! for the long prompt's length, 0 for none (the quick run's default),
 //! GYM_SERVE_BENCH_MEMORY_ONLY=1 to stop after the memory figures,
 //! GYM_SERVE_BENCH_MATMUL_ONLY=1 to stop after the matmul tables,
 //! GYM_SERVE_BENCH_SIMD=avx2 to run the AVX2 kernels on an AVX-512 machine,
+//! GYM_SERVE_BENCH_FAST=1 for `--fast-nondeterministic`,
 //! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model).
 
 use candle_core::{DType, Device, Tensor};
@@ -195,6 +199,125 @@ fn prompt(len: usize, vocab: usize, seed: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The throughput rows' fixed inputs for one model.
+struct Throughput<'a> {
+    cfg: &'a ModelConfig,
+    model: &'a Model,
+    weights_bytes: usize,
+    weights: DType,
+    flops_per_token: f64,
+    /// The 2048^3 GEMM figure, GFLOP/s.
+    peak: f64,
+    /// Memory read bandwidth, GB/s.
+    bandwidth: f64,
+}
+
+/// One throughput row's measurements.
+struct Measured {
+    seqs: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    kv_dtype: DType,
+    decode: f64,
+    prefill: f64,
+    rss_mb: f64,
+    pool_mb: f64,
+}
+
+impl Throughput<'_> {
+    /// `seqs` sequences of `prompt_len`-token prompts, `gen_len` generated.
+    fn run(&self, seqs: usize, prompt_len: usize, gen_len: usize, kv_dtype: DType) -> Measured {
+        let kv_tokens = seqs * (prompt_len + gen_len) + 16 * seqs;
+        let config = SchedulerConfig {
+            block_size: 16,
+            num_blocks: kv_tokens.div_ceil(16),
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            kv_dtype: Some(kv_dtype),
+        };
+        reset_peak_rss();
+        let mut s = Scenario {
+            core: EngineCore::new(self.model.clone(), vec![], "0", config).unwrap(),
+            receivers: Vec::new(),
+        };
+        let kv_bytes_per_token = self.model.kv_bytes_per_token(kv_dtype);
+        for i in 0..seqs {
+            s.add(
+                prompt(prompt_len, self.cfg.vocab_size, i),
+                1,
+                gen_len,
+                i as u64,
+            );
+        }
+        // Prefill: every prompt computed (each sequence then has its first token).
+        let t = Instant::now();
+        while s.core.stats().forward_tokens() < (seqs * prompt_len) as u64 {
+            s.core.step();
+        }
+        let prefill_s = t.elapsed().as_secs_f64();
+        let first = s.generated();
+        let t = Instant::now();
+        while s.core.has_work() {
+            s.core.step();
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        let decoded = s.generated();
+        assert_eq!(first + decoded, seqs * gen_len);
+        let m = Measured {
+            seqs,
+            prompt_len,
+            gen_len,
+            kv_dtype,
+            decode: decoded as f64 / decode_s,
+            prefill: (seqs * prompt_len) as f64 / prefill_s,
+            rss_mb: peak_rss_mb(),
+            pool_mb: (config.num_blocks * 16 * kv_bytes_per_token) as f64 / (1 << 20) as f64,
+        };
+        eprintln!(
+            "{:?} weights, {} sequences x {prompt_len}: decode {:.1} tok/s, prefill {:.0} tok/s",
+            self.weights, seqs, m.decode, m.prefill
+        );
+        m
+    }
+}
+
+impl Measured {
+    fn row(&self, t: &Throughput<'_>, single: f64) -> String {
+        let frac = gflops(self.decode * t.flops_per_token, 1.0) / t.peak;
+        let prefill_frac = gflops(self.prefill * t.flops_per_token, 1.0) / t.peak;
+        // A decode step reads every weight and, on average, half the
+        // generation's worth of cache beyond the prompt for each sequence.
+        let kv_bytes_per_token = t.model.kv_bytes_per_token(self.kv_dtype);
+        let step_bytes = t.weights_bytes as f64
+            + (self.seqs * (self.prompt_len + self.gen_len / 2) * kv_bytes_per_token) as f64;
+        let roofline = self.seqs as f64 * t.bandwidth * 1e9 / step_bytes;
+        let mut label = self.seqs.to_string();
+        if self.kv_dtype != DType::F32 {
+            label += &format!(", {:?} KV cache", self.kv_dtype);
+        }
+        if self.prompt_len != 256 {
+            label += &format!(", {}-token prompt", self.prompt_len);
+        }
+        let vs_single = if single > 0.0 && self.prompt_len == 256 {
+            format!("{:.1}x", self.decode / single)
+        } else {
+            "n/a".to_string()
+        };
+        let weights_mb = t.weights_bytes as f64 / (1 << 20) as f64;
+        format!(
+            "| {:?} | {label} | {:.1} | {vs_single} | {:.0}% | {roofline:.0} ({:.0}%) | {:.0} | {:.0}% | {:.0} MiB / {:.0} MiB |",
+            t.weights,
+            self.decode,
+            frac * 100.0,
+            self.decode / roofline * 100.0,
+            self.prefill,
+            prefill_frac * 100.0,
+            self.rss_mb,
+            weights_mb + self.pool_mb
+        )
+    }
+}
+
 #[global_allocator]
 static ALLOC: gym_serve::huge_pages::HugePageAlloc = gym_serve::huge_pages::HugePageAlloc;
 
@@ -206,6 +329,11 @@ fn main() {
         _ => Preset::Qwen3_0_6bShape,
     };
     let gen_len = if quick { 32 } else { 128 };
+    if std::env::var("GYM_SERVE_BENCH_FAST").is_ok() {
+        // `--fast-nondeterministic`: prefill steps on candle's matmul.
+        gym_serve::model::linear::set_fast_nondeterministic(true);
+        println!("--fast-nondeterministic (GYM_SERVE_BENCH_FAST)");
+    }
     if std::env::var("GYM_SERVE_BENCH_SIMD").as_deref() == Ok("avx2") {
         gym_serve::model::simd::set_cap(gym_serve::model::simd::Simd::Avx2);
     }
@@ -244,107 +372,90 @@ fn main() {
         return;
     }
 
-    let t = Instant::now();
-    let tensors = random_weights(&cfg, 0).unwrap().into_iter().collect();
-    let store = ParamStore::from_tensors(&cfg, tensors, DType::F32, &Device::Cpu).unwrap();
-    let model = Model::new(&cfg, &store, &Device::Cpu).unwrap();
-    let embed = cfg.vocab_size * cfg.hidden_size;
-    let params: usize = store.sorted().iter().map(|(_, t)| t.elem_count()).sum();
-    let non_embedding = params - embed * if cfg.tie_word_embeddings { 1 } else { 2 };
-    let flops_per_token = 2.0 * non_embedding as f64 + 2.0 * embed as f64;
-    println!(
-        "\nmodel: {:.0}M parameters ({:.0}M non-embedding), {:.1} GFLOP per token; built in {:.1}s",
-        params as f64 / 1e6,
-        non_embedding as f64 / 1e6,
-        flops_per_token / 1e9,
-        t.elapsed().as_secs_f64()
-    );
-    let weights_mb = store.size_in_bytes() as f64 / 1e6 * 1e6 / (1 << 20) as f64;
-
     let prompt_len = 256;
-    let mut rows = Vec::new();
-    let mut single = 0.0;
     let counts: Vec<usize> = std::env::var("GYM_SERVE_BENCH_SEQS")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 8, 32, 64]);
-    // Every count with the f32 cache, then 32 sequences with a bf16 cache
-    // (`--kv-cache-dtype bf16`), which halves what attention reads.
-    let mut runs: Vec<(usize, DType)> = counts.iter().map(|&n| (n, DType::F32)).collect();
-    if counts.contains(&32) {
-        runs.push((32, DType::BF16));
-    }
-    for (seqs, kv_dtype) in runs {
-        let kv_tokens = seqs * (prompt_len + gen_len) + 16 * seqs;
-        let config = SchedulerConfig {
-            block_size: 16,
-            num_blocks: kv_tokens.div_ceil(16),
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 256,
-            kv_dtype: Some(kv_dtype),
-        };
-        reset_peak_rss();
-        let mut s = Scenario {
-            core: EngineCore::new(model.clone(), vec![], "0", config).unwrap(),
-            receivers: Vec::new(),
-        };
-        let kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype);
-        let pool_mb = (config.num_blocks * 16 * kv_bytes_per_token) as f64 / (1 << 20) as f64;
-        for i in 0..seqs {
-            s.add(prompt(prompt_len, cfg.vocab_size, i), 1, gen_len, i as u64);
-        }
-        // Prefill: every prompt computed (each sequence then has its first token).
+    // Weight matrices held as f32, then as bf16 (a bf16 checkpoint's own
+    // values, widened in the kernels: the same arithmetic, half the bytes).
+    let weight_dtypes: Vec<DType> = std::env::var("GYM_SERVE_BENCH_WEIGHTS")
+        .unwrap_or_else(|_| "f32,bf16".into())
+        .split(',')
+        .filter_map(|w| match w.trim() {
+            "f32" => Some(DType::F32),
+            "bf16" => Some(DType::BF16),
+            _ => None,
+        })
+        .collect();
+    // One sequence with a long prompt (multi-turn agents' contexts), then 64
+    // generated: prefill attention over thousands of positions.
+    let long_prompt: usize = std::env::var("GYM_SERVE_BENCH_LONG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 0 } else { 4000 });
+    let mut rows = Vec::new();
+    let mut model = None;
+    for &weights in &weight_dtypes {
         let t = Instant::now();
-        while s.core.stats().forward_tokens() < (seqs * prompt_len) as u64 {
-            s.core.step();
-        }
-        let prefill_s = t.elapsed().as_secs_f64();
-        let first = s.generated();
-        let t = Instant::now();
-        while s.core.has_work() {
-            s.core.step();
-        }
-        let decode_s = t.elapsed().as_secs_f64();
-        let decoded = s.generated();
-        assert_eq!(first + decoded, seqs * gen_len);
-        let tok_s = decoded as f64 / decode_s;
-        if seqs == 1 && kv_dtype == DType::F32 {
-            single = tok_s;
-        }
-        let frac = gflops(tok_s * flops_per_token, 1.0) / peak_blas;
-        let prefill_tok_s = (seqs * prompt_len) as f64 / prefill_s;
-        let prefill_frac = gflops(prefill_tok_s * flops_per_token, 1.0) / peak_blas;
-        let rss = peak_rss_mb();
-        // A decode step reads every weight and, on average, half the
-        // generation's worth of cache beyond the prompt for each sequence.
-        let step_bytes = store.size_in_bytes() as f64
-            + (seqs * (prompt_len + gen_len / 2) * kv_bytes_per_token) as f64;
-        let roofline = seqs as f64 * bandwidth * 1e9 / step_bytes;
-        let label = if kv_dtype == DType::F32 {
-            seqs.to_string()
-        } else {
-            format!("{seqs}, {kv_dtype:?} KV cache")
+        let tensors = random_weights(&cfg, 0).unwrap().into_iter().collect();
+        let store =
+            ParamStore::from_tensors_holding(&cfg, tensors, DType::F32, weights, &Device::Cpu)
+                .unwrap();
+        let built = Model::new(&cfg, &store, &Device::Cpu).unwrap();
+        let embed = cfg.vocab_size * cfg.hidden_size;
+        let params = store.elem_count();
+        let non_embedding = params - embed * if cfg.tie_word_embeddings { 1 } else { 2 };
+        let bench = Throughput {
+            cfg: &cfg,
+            model: &built,
+            weights_bytes: store.size_in_bytes(),
+            weights,
+            flops_per_token: 2.0 * non_embedding as f64 + 2.0 * embed as f64,
+            peak: peak_blas,
+            bandwidth,
         };
-        let vs_single = if single > 0.0 {
-            format!("{:.1}x", tok_s / single)
-        } else {
-            "n/a".to_string()
-        };
-        rows.push(format!(
-            "| {label} | {tok_s:.1} | {vs_single} | {:.0}% | {roofline:.0} ({:.0}%) | {prefill_tok_s:.0} | {:.0}% | {rss:.0} MiB / {:.0} MiB |",
-            frac * 100.0,
-            tok_s / roofline * 100.0,
-            prefill_frac * 100.0,
-            weights_mb + pool_mb
-        ));
-        eprintln!("{label} sequences: decode {tok_s:.1} tok/s, prefill {prefill_tok_s:.0} tok/s");
+        println!(
+            "\nmodel: {:.0}M parameters ({:.0}M non-embedding), {:.1} GFLOP per token, weights {weights:?} ({:.0} MiB); built in {:.1}s",
+            params as f64 / 1e6,
+            non_embedding as f64 / 1e6,
+            bench.flops_per_token / 1e9,
+            store.size_in_bytes() as f64 / (1 << 20) as f64,
+            t.elapsed().as_secs_f64()
+        );
+        // Every count with the f32 cache, then 32 sequences with a bf16 cache
+        // (`--kv-cache-dtype bf16`), which halves what attention reads.
+        let mut runs: Vec<(usize, usize, DType)> = counts
+            .iter()
+            .map(|&n| (n, prompt_len, DType::F32))
+            .collect();
+        if counts.contains(&32) {
+            runs.push((32, prompt_len, DType::BF16));
+        }
+        if long_prompt > 0 {
+            runs.push((1, long_prompt, DType::F32));
+        }
+        let mut single = 0.0;
+        for (seqs, prompt_len, kv_dtype) in runs {
+            let gen = if prompt_len > 256 { 64 } else { gen_len };
+            let r = bench.run(seqs, prompt_len, gen, kv_dtype);
+            if seqs == 1 && prompt_len == 256 && kv_dtype == DType::F32 {
+                single = r.decode;
+            }
+            rows.push(r.row(&bench, single));
+        }
+        drop(store);
+        model = Some(built);
     }
-    println!("\nprompt {prompt_len} tokens, {gen_len} generated per sequence; fractions are of the 2048^3 GEMM peak above");
-    println!("| sequences | decode tok/s | vs 1 seq | decode % of peak | memory roofline tok/s (reached) | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("\nprompt 256 tokens (or as labelled), {gen_len} generated per sequence (64 after a long prompt); fractions are of the 2048^3 GEMM peak above");
+    println!("| weights | sequences | decode tok/s | vs 1 seq | decode % of peak | memory roofline tok/s (reached) | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         println!("{r}");
     }
+    let Some(model) = model else {
+        return;
+    };
 
     // GRPO: one 512-token prompt, 16 samples.
     let config = SchedulerConfig {

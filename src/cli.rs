@@ -83,6 +83,14 @@ pub struct ServeArgs {
     /// weights convert into the dtype held.
     #[arg(long, default_value = "auto", env = "GYM_SERVE_WEIGHT_DTYPE")]
     pub weight_dtype: WeightDTypeArg,
+    /// Prefill-sized CPU steps (65+ rows) run candle's blocked matmul
+    /// instead of the engine's GEMM: faster prefill on some CPUs, but a
+    /// position's log-probs then depend on how its prompt was split into
+    /// steps (prefix-cache hits, chunking, other requests), and scoring
+    /// equals generation only within ~1e-5. `/v1/models` then reports
+    /// `deterministic: false`.
+    #[arg(long, env = "GYM_SERVE_FAST_NONDETERMINISTIC")]
+    pub fast_nondeterministic: bool,
     /// Tokens per KV block (prefix caching works in whole blocks).
     #[arg(long, default_value_t = 16, env = "GYM_SERVE_BLOCK_SIZE")]
     pub block_size: usize,

@@ -37,9 +37,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = model_dir.clone();
     let device_for_updates = device.clone();
-    // Our CPU kernels reduce every row in a fixed order; candle's GPU ones
-    // do not promise that.
-    let deterministic = device.is_cpu();
+    // Our CPU kernels reduce every row in a fixed order; candle's (GPU, and
+    // CPU prefill in the fast mode) do not promise that.
+    crate::model::linear::set_fast_nondeterministic(args.fast_nondeterministic);
+    let deterministic = device.is_cpu() && !args.fast_nondeterministic;
+    if args.fast_nondeterministic {
+        tracing::info!("--fast-nondeterministic: prefill steps use candle's matmul; results depend on batching");
+    }
     let matrices = args.weight_dtype.dtype();
     let loaded = tokio::task::spawn_blocking(move || {
         LoadedModel::load_holding(&dir, &device, dtype, matrices)

@@ -303,6 +303,52 @@ fn bf16_push_converts_like_a_bf16_checkpoint() {
     same_output(&completion(&a), &completion(&b));
 }
 
+fn bf16_model(seed: u64) -> TempDir {
+    let mut opts = common::tiny_options(Architecture::Qwen3, seed);
+    opts.dtype = DType::BF16;
+    common::write_model(&opts)
+}
+
+/// A bf16 checkpoint is served with its weight matrices held as bf16
+/// (half the memory); pushes convert into that memory, reused push after
+/// push, and serve exactly what a fresh server of the pushed checkpoint
+/// serves, whether the trainer sends bf16 or f32 holding the same values.
+/// An f32 push whose values bf16 cannot hold is rounded, as loading does.
+#[test]
+fn bf16_held_weights_take_bf16_and_f32_pushes_exactly() {
+    let (x, y) = (bf16_model(17), bf16_model(18));
+    let a = Server::start(x.path(), &[]);
+    let fresh_x = Server::start(x.path(), &[]);
+    let fresh_y = Server::start(y.path(), &[]);
+    let wide = |dir: &Path| -> Vec<u8> {
+        let mut named: Vec<(String, Tensor)> = read_checkpoint(dir, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_dtype(DType::F32).unwrap()))
+            .collect();
+        named.sort_by(|p, q| p.0.cmp(&q.0));
+        serialize(&named)
+    };
+    for (body, fresh, version) in [
+        (weights_file(y.path()), &fresh_y, "y"),
+        (weights_file(x.path()), &fresh_x, "x"),
+        (wide(y.path()), &fresh_y, "y-as-f32"),
+        (wide(x.path()), &fresh_x, "x-as-f32"),
+    ] {
+        let (status, reply) = push(&a, body, &format!("version={version}"));
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(scores(&a), scores(fresh), "after pushing {version}");
+        same_output(&completion(&a), &completion(fresh));
+    }
+    // f32 values off the bf16 grid: the served model equals a fresh load of
+    // the same f32 checkpoint, which rounds to bf16 too (--weight-dtype bf16).
+    let z = model(19);
+    let fresh_z = Server::start(z.path(), &["--weight-dtype", "bf16"]);
+    let (status, reply) = push(&a, weights_file(z.path()), "version=z");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(scores(&a), scores(&fresh_z));
+}
+
 /// Pushes `dir`'s weights with `pause` mode and `version`.
 fn push_dir(server: &Server, dir: &Path, version: &str, pause: &str) {
     let (status, reply) = push(

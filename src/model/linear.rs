@@ -8,6 +8,26 @@
 use super::gemm::{self, Weights};
 use super::storage::contiguous;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static FAST_NONDETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Steps of more than this many rows go to candle's matmul in the
+/// `--fast-nondeterministic` mode.
+pub const FAST_MODE_MIN_ROWS: usize = 65;
+
+/// `--fast-nondeterministic`, process-wide: CPU steps of
+/// [`FAST_MODE_MIN_ROWS`] rows or more (prefill) run candle's blocked
+/// matmul, whose summation order depends on the shape, so a position's
+/// results then depend on how its prompt was split into steps (cache hits,
+/// chunking, batch company). Off by default.
+pub fn set_fast_nondeterministic(on: bool) {
+    FAST_NONDETERMINISTIC.store(on, Ordering::Relaxed);
+}
+
+pub fn fast_nondeterministic() -> bool {
+    FAST_NONDETERMINISTIC.load(Ordering::Relaxed)
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -27,7 +47,9 @@ impl Linear {
             && x.dtype() == DType::F32
             && x.rank() == 2
             && matches!(self.weight.dtype(), DType::F32 | DType::BF16);
-        let y = if ours {
+        let rows = x.dims().first().copied().unwrap_or(0);
+        let fast = fast_nondeterministic() && rows >= FAST_MODE_MIN_ROWS;
+        let y = if ours && !fast {
             x.contiguous()?
                 .apply_op2_no_bwd(&self.weight, &CpuMatmulTransposed)?
         } else {

@@ -274,4 +274,44 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn narrows_to_bf16_as_loading_does_and_refuses_what_overflows() {
+        let values: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.0137).collect();
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let rounded: Vec<half::bf16> = values.iter().map(|v| half::bf16::from_f32(*v)).collect();
+        let bf16_bytes: Vec<u8> = rounded.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // What `Tensor::to_dtype` gives at load, from each source dtype.
+        let loaded = |bytes: &[u8], dtype: DType| -> Vec<half::bf16> {
+            Tensor::from_raw_buffer(bytes, dtype, &[300], &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::BF16))
+                .and_then(|t| t.to_vec1())
+                .unwrap()
+        };
+        for (dtype, bytes) in [
+            (DType::F32, &f32_bytes),
+            (DType::F16, &f16_bytes),
+            (DType::BF16, &bf16_bytes),
+        ] {
+            let mut out = vec![half::bf16::ZERO; 300];
+            assert!(convert_slice_to_bf16(bytes, dtype, &mut out), "{dtype:?}");
+            assert_eq!(out, loaded(bytes, dtype), "{dtype:?}");
+        }
+        // Finite in f32, infinite once rounded to bf16.
+        let mut out = vec![half::bf16::ZERO; 2];
+        let near_max: Vec<u8> = [1.0f32, f32::MAX]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert!(!convert_slice_to_bf16(&near_max, DType::F32, &mut out));
+        let mut nan = bf16_bytes.clone();
+        nan[2 * 299 + 1] = 0x7f;
+        nan[2 * 299] = 0xc1;
+        let mut out = vec![half::bf16::ZERO; 300];
+        assert!(!convert_slice_to_bf16(&nan, DType::BF16, &mut out));
+    }
 }

@@ -16,9 +16,14 @@
 //! ran in), and bf16 weights, widened exactly in registers, give exactly the
 //! f32 results of the same values stored as f32.
 //!
-//! Work splits over output columns in fixed chunks of [`CHUNK_COLS`] weight
-//! rows; within a chunk each register tile takes a few activation rows and
-//! a few weight rows whole (both stay in L1/L2 while their tile runs).
+//! Work splits into tasks of [`PANEL_ROWS`] activation rows by
+//! [`CHUNK_COLS`] weight rows (output columns); within a task each register
+//! tile takes a few activation rows and a few weight rows whole. A task's
+//! weight rows stay in L2 while its activation rows pass them, and tasks of
+//! one column chunk run back to back, so a prefill streams the weights once
+//! per chunk and the activations from L3 rather than memory. The blocking
+//! only decides where an output is computed, never how: each output is one
+//! tile's fixed reduction over all of `k`.
 //! Dispatch is by [`Simd`] at run time; a new backend adds a tile kernel
 //! with the same reduction.
 
@@ -81,10 +86,14 @@ pub(crate) struct Tile {
 /// `sums[i][r]`: the output of activation row `i` and weight row `r`.
 pub(crate) type TileSums = [[f32; MAX_TILE_COLS]; MAX_TILE_ROWS];
 
-/// Weight rows (output columns) per parallel task: fixed, so the split of
-/// work never depends on the number of rows. 48 rows of 1024 f32 (192 KB)
-/// stay in L2 while every activation row passes them.
+/// Weight rows (output columns) per parallel task: 48 rows of 1024 f32
+/// (192 KB) stay in L2 while the task's activation rows pass them.
 pub const CHUNK_COLS: usize = 48;
+
+/// Activation rows per parallel task: a decode step's rows are one panel;
+/// a prefill's are many, each 64 x 1024 f32 (256 KB) read from L3 per
+/// column chunk instead of the whole prompt's rows from memory.
+pub const PANEL_ROWS: usize = 64;
 
 /// The tile shape (activation rows, weight rows) each kernel runs.
 fn tile_shape(isa: Simd) -> (usize, usize) {
@@ -144,37 +153,43 @@ pub(crate) fn matmul_t_with(
     let (x, stride) = padded_rows(x, m, k);
     let x = &x;
     let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
-    (0..n.div_ceil(CHUNK_COLS)).into_par_iter().for_each(|c| {
-        let (n0, n1) = (c * CHUNK_COLS, ((c + 1) * CHUNK_COLS).min(n));
-        let mut sums: TileSums = [[0.0; MAX_TILE_COLS]; MAX_TILE_ROWS];
-        for i0 in (0..m).step_by(tile_rows) {
-            let rows = tile_rows.min(m - i0);
-            for j0 in (n0..n1).step_by(tile_cols) {
-                let cols = tile_cols.min(n1 - j0);
-                // Past the last row or column the tile repeats it; those
-                // sums are dropped.
-                let tile = Tile {
-                    x: std::array::from_fn(|i| x[(i0 + i.min(rows - 1)) * stride..].as_ptr()),
-                    rows,
-                    w: std::array::from_fn(|r| w.row(j0 + r.min(cols - 1), k)),
-                    cols,
-                    k,
-                    bf16: w.is_bf16(),
-                };
-                // SAFETY: every pointer starts `k` readable values of its
-                // kind; `isa` is one this CPU has (callers pass `simd()` or
-                // less).
-                unsafe { run_tile(isa, tile_rows, tile_cols, &tile, &mut sums) };
-                for (i, row) in sums.iter().enumerate().take(rows) {
-                    for (r, &v) in row.iter().enumerate().take(cols) {
-                        // SAFETY: i0 + i < m, j0 + r < n1 <= n; this task
-                        // alone writes columns n0..n1.
-                        unsafe { out_ptr.write((i0 + i) * n + j0 + r, v) };
+    let panels = m.div_ceil(PANEL_ROWS);
+    // Chunk-major: consecutive tasks share their weight rows.
+    (0..n.div_ceil(CHUNK_COLS) * panels)
+        .into_par_iter()
+        .for_each(|task| {
+            let (c, p) = (task / panels, task % panels);
+            let (n0, n1) = (c * CHUNK_COLS, ((c + 1) * CHUNK_COLS).min(n));
+            let (m0, m1) = (p * PANEL_ROWS, ((p + 1) * PANEL_ROWS).min(m));
+            let mut sums: TileSums = [[0.0; MAX_TILE_COLS]; MAX_TILE_ROWS];
+            for i0 in (m0..m1).step_by(tile_rows) {
+                let rows = tile_rows.min(m1 - i0);
+                for j0 in (n0..n1).step_by(tile_cols) {
+                    let cols = tile_cols.min(n1 - j0);
+                    // Past the last row or column the tile repeats it; those
+                    // sums are dropped.
+                    let tile = Tile {
+                        x: std::array::from_fn(|i| x[(i0 + i.min(rows - 1)) * stride..].as_ptr()),
+                        rows,
+                        w: std::array::from_fn(|r| w.row(j0 + r.min(cols - 1), k)),
+                        cols,
+                        k,
+                        bf16: w.is_bf16(),
+                    };
+                    // SAFETY: every pointer starts `k` readable values of its
+                    // kind; `isa` is one this CPU has (callers pass `simd()` or
+                    // less).
+                    unsafe { run_tile(isa, tile_rows, tile_cols, &tile, &mut sums) };
+                    for (i, row) in sums.iter().enumerate().take(rows) {
+                        for (r, &v) in row.iter().enumerate().take(cols) {
+                            // SAFETY: i0 + i < m1 <= m, j0 + r < n1 <= n; this
+                            // task alone writes rows m0..m1 of columns n0..n1.
+                            unsafe { out_ptr.write((i0 + i) * n + j0 + r, v) };
+                        }
                     }
                 }
             }
-        }
-    });
+        });
 }
 
 /// `x`'s rows `k + 16` floats apart when `k` is a multiple of 1024: rows
