@@ -364,8 +364,10 @@ pub struct ValidateArgs {
 #[command(group(clap::ArgGroup::new("source").required(true).args(["dir", "file"])))]
 pub struct PushWeightsArgs {
     /// Server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).
-    #[arg(long, env = "GYM_SERVE_URL")]
-    pub url: String,
+    /// Repeat it (or separate with commas) for several replicas: the update
+    /// is staged on every one, then committed on all of them or on none.
+    #[arg(long, env = "GYM_SERVE_URL", required = true, value_delimiter = ',')]
+    pub url: Vec<String>,
     /// A checkpoint directory (single or sharded safetensors).
     #[arg(long, env = "GYM_SERVE_PUSH_DIR")]
     pub dir: Option<PathBuf>,

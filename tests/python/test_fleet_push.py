@@ -1,7 +1,9 @@
 """One weight push across three replicas is all or nothing: when one replica
 gets a corrupt body (a proxy flips a byte of its copy) or is down, no replica
 changes weights or version; the same push without the fault then lands on
-every replica."""
+every replica. A replica that dies between the stage and the commit leaves
+the others committed: the push fails, says which replica serves which
+version, and the same push again (to the restarted replica) converges them."""
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fleet import BIN, CorruptingProxy, Fleet, http, make_model, push_weights_takes_many_urls  # noqa: E402
+from fleet import BIN, CorruptingProxy, CuttingProxy, Fleet, http, make_model, push_weights_takes_many_urls  # noqa: E402
 
 # Until the two-phase `push-weights --url A --url B ...` (issue 17, item 2) is in this build.
 pytestmark = pytest.mark.skipif(not push_weights_takes_many_urls(), reason="push-weights takes one --url")
@@ -76,3 +78,33 @@ def test_push_with_one_replica_down_changes_no_replica(fleet, checkpoints):
     assert dead in result.stdout + result.stderr
     assert [http("GET", f"{u}/get_weight_version")["weight_version"] for u in fleet.urls[:2]] == ["v0", "v0"]
     assert greedy(fleet.urls[:2]) == before
+
+
+def test_replica_dying_before_its_commit_is_reported_and_a_rerun_converges(fleet, checkpoints):
+    before = greedy(fleet.urls)
+    victim = fleet.replicas[2]
+    proxy = CuttingProxy(victim.url, "/v1/weights/commit", on_cut=lambda: victim.proc.kill())
+    try:
+        result = push(fleet.urls[:2] + [proxy.url], checkpoints[1], "v1")
+    finally:
+        proxy.stop()
+    out = result.stdout + result.stderr
+    assert proxy.cut == 1, out
+    assert result.returncode != 0, out
+    # The two live replicas committed; the report names each replica's version.
+    assert [http("GET", f"{u}/get_weight_version")["weight_version"] for u in fleet.urls[:2]] == ["v1", "v1"]
+    assert "committed on 2 of 3 replicas" in out, out
+    for u in fleet.urls[:2]:
+        assert f"{u} serves v1" in out, out
+    assert f"{proxy.url} serves unreachable" in out, out
+    # The replica comes back (on its old weights); the same push converges the fleet.
+    victim.proc.wait()
+    fleet.replicas[2] = type(victim)(BIN, checkpoints[0], args=["--weight-version", "v0", "--served-model-name", "tiny"])
+    fleet.urls[2] = fleet.replicas[2].url
+    assert greedy(fleet.urls[2:]) == before[2:]
+    result = push(fleet.urls, checkpoints[1], "v1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert fleet.versions() == ["v1"] * 3
+    after = greedy(fleet.urls)
+    assert after[0] == after[1] == after[2] and after[0] != before[0]
+    assert "all 3 replicas serve version v1" in result.stdout
