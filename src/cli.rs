@@ -389,6 +389,11 @@ pub struct PushWeightsArgs {
     /// What running requests do during the swap: wait, abort or keep.
     #[arg(long, default_value = "wait", env = "GYM_SERVE_PUSH_PAUSE")]
     pub pause: PauseMode,
+    /// With several --url: send the body once, to the first replica, which
+    /// passes it on to the next as it stages (`forward_to`), and so on; the
+    /// commit still goes to every replica. The replicas need an admin key.
+    #[arg(long, env = "GYM_SERVE_PUSH_CHAIN")]
+    pub chain: bool,
     #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
 }

@@ -25,7 +25,7 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one phase did on one replica.
-enum Outcome<T> {
+pub(super) enum Outcome<T> {
     Done(T),
     /// The replica answered with a refusal, or could not be reached.
     Failed(String),
@@ -34,19 +34,19 @@ enum Outcome<T> {
 }
 
 /// A stage held on a replica.
-struct Staged {
-    id: String,
-    version: String,
+pub(super) struct Staged {
+    pub(super) id: String,
+    pub(super) version: String,
 }
 
 /// One replica's line of the report.
-struct Row {
-    url: String,
-    stage: Outcome<Staged>,
+pub(super) struct Row {
+    pub(super) url: String,
+    pub(super) stage: Outcome<Staged>,
     /// `None`: not attempted (another replica failed first).
-    stage_seconds: Option<f64>,
+    pub(super) stage_seconds: Option<f64>,
     commit: Option<(Outcome<String>, f64)>,
-    aborted: bool,
+    pub(super) aborted: bool,
     /// What `/get_weight_version` says after the push.
     serving: Option<String>,
 }
@@ -59,7 +59,9 @@ fn client(timeout: Option<Duration>) -> anyhow::Result<reqwest::blocking::Client
 }
 
 /// A reply's JSON, or the refusal (status and body) as an error message.
-fn answer(response: reqwest::Result<reqwest::blocking::Response>) -> Result<Value, String> {
+pub(super) fn answer(
+    response: reqwest::Result<reqwest::blocking::Response>,
+) -> Result<Value, String> {
     let response = response.map_err(|e| error_chain(&e))?;
     let status = response.status();
     let text = response.text().unwrap_or_default();
@@ -116,7 +118,7 @@ fn stage_one(
     }
 }
 
-fn post_small(
+pub(super) fn post_small(
     client: &reqwest::blocking::Client,
     upload: &Upload,
     url: &str,
@@ -130,8 +132,22 @@ fn post_small(
     answer(request.send())
 }
 
-fn serving_version(client: &reqwest::blocking::Client, url: &str) -> String {
-    match answer(client.get(format!("{url}/get_weight_version")).send()) {
+/// `GET {url}{path}` with the admin key (the weight and version endpoints want it).
+pub(super) fn get_small(
+    client: &reqwest::blocking::Client,
+    upload: &Upload,
+    url: &str,
+    path: &str,
+) -> Result<Value, String> {
+    let mut request = client.get(format!("{url}{path}"));
+    if let Some(key) = upload.admin_api_key() {
+        request = request.bearer_auth(key);
+    }
+    answer(request.send())
+}
+
+fn serving_version(client: &reqwest::blocking::Client, upload: &Upload, url: &str) -> String {
+    match get_small(client, upload, url, "/get_weight_version") {
         Ok(v) => v["weight_version"]
             .as_str()
             .map_or_else(|| format!("? ({v})"), str::to_string),
@@ -140,7 +156,7 @@ fn serving_version(client: &reqwest::blocking::Client, url: &str) -> String {
 }
 
 /// Runs `work` for every row at once, each on its own thread.
-fn each<F>(rows: &mut [Row], work: F)
+pub(super) fn each<F>(rows: &mut [Row], work: F)
 where
     F: Fn(&mut Row) + Sync,
 {
@@ -153,12 +169,20 @@ where
 }
 
 /// Stage everywhere, then commit everywhere or abort everywhere.
-pub(super) fn push_to_fleet(upload: &Upload, urls: &[String], adapter: bool) -> anyhow::Result<()> {
+pub(super) fn push_to_fleet(
+    upload: &Upload,
+    urls: &[String],
+    adapter: bool,
+    chain: bool,
+) -> anyhow::Result<()> {
     let urls: Vec<String> = urls.iter().map(|u| base_url(u)).collect();
     for (i, url) in urls.iter().enumerate() {
         if urls[..i].contains(url) {
             bail!("--url {url} is given twice");
         }
+    }
+    if adapter && chain {
+        bail!("--chain pushes base weights only: adapters have no staged phase");
     }
     if adapter {
         return push_adapter_to_fleet(upload, &urls);
@@ -183,23 +207,28 @@ pub(super) fn push_to_fleet(upload: &Upload, urls: &[String], adapter: bool) -> 
     // Every replica must answer before a byte is sent: a dead one fails
     // the push here, with its connection error, and costs no upload.
     each(&mut rows, |row| {
-        if let Err(e) = answer(small.get(format!("{}/get_weight_version", row.url)).send()) {
+        if let Err(e) = get_small(&small, upload, &row.url, "/get_weight_version") {
             row.stage = Outcome::Failed(format!("not reachable: {e}"));
             stop.store(true, Ordering::Relaxed);
         }
     });
-    // Phase 1: stage on every replica at once.
-    each(&mut rows, |row| {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let bar = bars.add(progress_bar(upload.len));
-        bar.set_prefix(row.url.clone());
-        let started = Instant::now();
-        row.stage = stage_one(upload, &uploads, &row.url, bar.clone(), &stop);
-        row.stage_seconds = Some(started.elapsed().as_secs_f64());
-        bar.finish_and_clear();
-    });
+    let first_byte = Instant::now();
+    if stop.load(Ordering::Relaxed) {
+        // A replica is down: nothing is sent.
+    } else if chain {
+        // Phase 1: one upload, staged along the chain.
+        super::chain::stage_along(upload, &uploads, &small, &mut rows);
+    } else {
+        // Phase 1: stage on every replica at once.
+        each(&mut rows, |row| {
+            let bar = bars.add(progress_bar(upload.len));
+            bar.set_prefix(row.url.clone());
+            let started = Instant::now();
+            row.stage = stage_one(upload, &uploads, &row.url, bar.clone(), &stop);
+            row.stage_seconds = Some(started.elapsed().as_secs_f64());
+            bar.finish_and_clear();
+        });
+    }
     let versions: Vec<String> = rows
         .iter()
         .filter_map(|r| match &r.stage {
@@ -252,13 +281,17 @@ pub(super) fn push_to_fleet(upload: &Upload, urls: &[String], adapter: bool) -> 
                 row.aborted = post_small(&small, upload, &row.url, "/v1/weights/abort", &query)
                     .is_ok_and(|r| !r["aborted"].is_null());
             }
-            row.serving = Some(serving_version(&small, &row.url));
+            row.serving = Some(serving_version(&small, upload, &row.url));
         });
     }
     print_table(&rows);
     if committed == rows.len() {
         let version = versions.first().map_or("?", String::as_str);
-        println!("all {} replicas serve version {version}", rows.len());
+        println!(
+            "all {} replicas serve version {version} ({:.3} s from the first byte sent to the last commit)",
+            rows.len(),
+            first_byte.elapsed().as_secs_f64()
+        );
         return Ok(());
     }
     let mut problems: Vec<String> = Vec::new();

@@ -224,7 +224,7 @@ pub fn push_weights(args: PushWeightsArgs) -> anyhow::Result<()> {
     match args.url.as_slice() {
         [] => bail!("give --url"),
         [one] => push_one(&upload, &base_url(one)),
-        many => super::fleet::push_to_fleet(&upload, many, args.adapter.is_some()),
+        many => super::fleet::push_to_fleet(&upload, many, args.adapter.is_some(), args.chain),
     }
 }
 
