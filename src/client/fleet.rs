@@ -347,7 +347,7 @@ fn print_table(rows: &[Row]) {
         let (commit, result) = match (&row.stage, &row.commit) {
             (_, Some((Outcome::Done(_), s))) => (format!("{s:.3} s"), "committed"),
             (_, Some((_, s))) => (format!("{s:.3} s"), "commit failed"),
-            (Outcome::Done(_), None) if row.aborted => ("-".into(), "aborted"),
+            (_, None) if row.aborted => ("-".into(), "aborted"),
             (Outcome::Done(_), None) => ("-".into(), "staged"),
             (Outcome::Failed(_), None) => ("-".into(), "stage failed"),
             (Outcome::Stopped, None) => ("-".into(), "not staged"),
