@@ -168,6 +168,47 @@ where
     });
 }
 
+/// The HTTP clients of a fleet push, one per kind of request.
+struct Clients {
+    /// Bodies: no overall timeout (a large update takes what it takes).
+    uploads: reqwest::blocking::Client,
+    commits: reqwest::blocking::Client,
+    /// Version queries and aborts.
+    small: reqwest::blocking::Client,
+}
+
+/// Drops this push's stage on `row`'s replica (by its id).
+fn abort_row(clients: &Clients, upload: &Upload, row: &mut Row) {
+    if let Outcome::Done(staged) = &row.stage {
+        let query = [("id", staged.id.as_str())];
+        row.aborted = post_small(
+            &clients.small,
+            upload,
+            &row.url,
+            "/v1/weights/abort",
+            &query,
+        )
+        .is_ok_and(|r| !r["aborted"].is_null());
+    }
+}
+
+fn commit_row(clients: &Clients, upload: &Upload, row: &mut Row) {
+    let Outcome::Done(staged) = &row.stage else {
+        return;
+    };
+    let started = Instant::now();
+    let query = [
+        ("id", staged.id.as_str()),
+        ("pause", upload.query_value("pause")),
+    ];
+    let path = "/v1/weights/commit";
+    let outcome = match post_small(&clients.commits, upload, &row.url, path, &query) {
+        Ok(reply) => Outcome::Done(reply["weight_version"].as_str().unwrap_or("?").into()),
+        Err(e) => Outcome::Failed(e),
+    };
+    row.commit = Some((outcome, started.elapsed().as_secs_f64()));
+}
+
 /// Stage everywhere, then commit everywhere or abort everywhere.
 pub(super) fn push_to_fleet(
     upload: &Upload,
@@ -187,9 +228,11 @@ pub(super) fn push_to_fleet(
     if adapter {
         return push_adapter_to_fleet(upload, &urls);
     }
-    let uploads = client(None)?;
-    let small = client(Some(QUERY_TIMEOUT))?;
-    let commits = client(Some(COMMIT_TIMEOUT))?;
+    let clients = Clients {
+        uploads: client(None)?,
+        commits: client(Some(COMMIT_TIMEOUT))?,
+        small: client(Some(QUERY_TIMEOUT))?,
+    };
     let bars = MultiProgress::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut rows: Vec<Row> = urls
@@ -207,7 +250,7 @@ pub(super) fn push_to_fleet(
     // Every replica must answer before a byte is sent: a dead one fails
     // the push here, with its connection error, and costs no upload.
     each(&mut rows, |row| {
-        if let Err(e) = get_small(&small, upload, &row.url, "/get_weight_version") {
+        if let Err(e) = get_small(&clients.small, upload, &row.url, "/get_weight_version") {
             row.stage = Outcome::Failed(format!("not reachable: {e}"));
             stop.store(true, Ordering::Relaxed);
         }
@@ -217,85 +260,67 @@ pub(super) fn push_to_fleet(
         // A replica is down: nothing is sent.
     } else if chain {
         // Phase 1: one upload, staged along the chain.
-        super::chain::stage_along(upload, &uploads, &small, &mut rows);
+        super::chain::stage_along(upload, &clients.uploads, &clients.small, &mut rows);
     } else {
         // Phase 1: stage on every replica at once.
         each(&mut rows, |row| {
             let bar = bars.add(progress_bar(upload.len));
             bar.set_prefix(row.url.clone());
             let started = Instant::now();
-            row.stage = stage_one(upload, &uploads, &row.url, bar.clone(), &stop);
+            row.stage = stage_one(upload, &clients.uploads, &row.url, bar.clone(), &stop);
             row.stage_seconds = Some(started.elapsed().as_secs_f64());
             bar.finish_and_clear();
         });
     }
-    let versions: Vec<String> = rows
+    let versions: Vec<&str> = rows
         .iter()
         .filter_map(|r| match &r.stage {
-            Outcome::Done(s) => Some(s.version.clone()),
+            Outcome::Done(s) => Some(s.version.as_str()),
             _ => None,
         })
         .collect();
     let all_staged = versions.len() == rows.len();
     let agreed = versions.windows(2).all(|w| w[0] == w[1]);
-    let pause = upload.query_value("pause");
-
+    let version = versions.first().map(|v| v.to_string());
     if all_staged && agreed {
         // Phase 2: every replica holds it; commit on all.
-        each(&mut rows, |row| {
-            let Outcome::Done(staged) = &row.stage else {
-                return;
-            };
-            let started = Instant::now();
-            let query = [("id", staged.id.as_str()), ("pause", pause)];
-            let outcome = match post_small(&commits, upload, &row.url, "/v1/weights/commit", &query)
-            {
-                Ok(reply) => Outcome::Done(reply["weight_version"].as_str().unwrap_or("?").into()),
-                Err(e) => Outcome::Failed(e),
-            };
-            row.commit = Some((outcome, started.elapsed().as_secs_f64()));
-        });
+        each(&mut rows, |row| commit_row(&clients, upload, row));
     } else {
         // Some replica refused (or the versions differ): drop it everywhere.
-        each(&mut rows, |row| {
-            if let Outcome::Done(staged) = &row.stage {
-                let query = [("id", staged.id.as_str())];
-                row.aborted = post_small(&small, upload, &row.url, "/v1/weights/abort", &query)
-                    .is_ok_and(|r| !r["aborted"].is_null());
-            }
-        });
+        each(&mut rows, |row| abort_row(&clients, upload, row));
     }
     let committed = rows
         .iter()
         .filter(|r| matches!(r.commit, Some((Outcome::Done(_), _))))
         .count();
-    let split = committed > 0 && committed < rows.len();
     if committed < rows.len() {
         // Where a commit failed, the stage may still be held: drop it, then
         // ask every replica what it serves.
         each(&mut rows, |row| {
-            if let (Outcome::Done(staged), Some((Outcome::Failed(_), _))) =
-                (&row.stage, &row.commit)
-            {
-                let query = [("id", staged.id.as_str())];
-                row.aborted = post_small(&small, upload, &row.url, "/v1/weights/abort", &query)
-                    .is_ok_and(|r| !r["aborted"].is_null());
+            if matches!(row.commit, Some((Outcome::Failed(_), _))) {
+                abort_row(&clients, upload, row);
             }
-            row.serving = Some(serving_version(&small, upload, &row.url));
+            row.serving = Some(serving_version(&clients.small, upload, &row.url));
         });
     }
     print_table(&rows);
     if committed == rows.len() {
-        let version = versions.first().map_or("?", String::as_str);
         println!(
-            "all {} replicas serve version {version} ({:.3} s from the first byte sent to the last commit)",
+            "all {} replicas serve version {} ({:.3} s from the first byte sent to the last commit)",
             rows.len(),
+            version.as_deref().unwrap_or("?"),
             first_byte.elapsed().as_secs_f64()
         );
         return Ok(());
     }
+    Err(failure(&rows, committed, all_staged && !agreed))
+}
+
+/// Why the push did not land everywhere: which replica failed in which
+/// phase, and, when the fleet is split, what each replica serves.
+fn failure(rows: &[Row], committed: usize, disagreed: bool) -> anyhow::Error {
     let mut problems: Vec<String> = Vec::new();
-    for row in &rows {
+    for row in rows {
         if let Outcome::Failed(e) = &row.stage {
             problems.push(format!("{}: stage failed: {e}", row.url));
         }
@@ -303,7 +328,7 @@ pub(super) fn push_to_fleet(
             problems.push(format!("{}: commit failed: {e}", row.url));
         }
     }
-    if all_staged && !agreed {
+    if disagreed {
         let each_version: Vec<String> = rows
             .iter()
             .filter_map(|r| match &r.stage {
@@ -316,22 +341,22 @@ pub(super) fn push_to_fleet(
             each_version.join(", ")
         ));
     }
-    if split {
+    if committed > 0 {
         let serving: Vec<String> = rows
             .iter()
             .map(|r| format!("{} serves {}", r.url, r.serving.as_deref().unwrap_or("?")))
             .collect();
-        bail!(
+        return anyhow::anyhow!(
             "the update was committed on {committed} of {} replicas: {}; run the same push again to converge them\n{}",
             rows.len(),
             serving.join(", "),
             problems.join("\n")
         );
     }
-    bail!(
+    anyhow::anyhow!(
         "no replica changed weights (nothing was committed)\n{}",
         problems.join("\n")
-    );
+    )
 }
 
 fn print_table(rows: &[Row]) {
