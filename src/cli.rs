@@ -400,8 +400,10 @@ pub struct ValidateArgs {
 #[command(group(clap::ArgGroup::new("source").required(true).args(["dir", "file"])))]
 pub struct PushWeightsArgs {
     /// Server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).
-    #[arg(long, env = "GYM_SERVE_URL")]
-    pub url: String,
+    /// Repeat it (or separate with commas) for several replicas: the update
+    /// is staged on every one, then committed on all of them or on none.
+    #[arg(long, env = "GYM_SERVE_URL", required = true, value_delimiter = ',')]
+    pub url: Vec<String>,
     /// A checkpoint directory (single or sharded safetensors).
     #[arg(long, env = "GYM_SERVE_PUSH_DIR")]
     pub dir: Option<PathBuf>,
@@ -423,6 +425,11 @@ pub struct PushWeightsArgs {
     /// What running requests do during the swap: wait, abort or keep.
     #[arg(long, default_value = "wait", env = "GYM_SERVE_PUSH_PAUSE")]
     pub pause: PauseMode,
+    /// With several --url: send the body once, to the first replica, which
+    /// passes it on to the next as it stages (`forward_to`), and so on; the
+    /// commit still goes to every replica. The replicas need an admin key.
+    #[arg(long, env = "GYM_SERVE_PUSH_CHAIN")]
+    pub chain: bool,
     #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
 }

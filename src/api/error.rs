@@ -52,6 +52,11 @@ pub enum ApiError {
         adapter: String,
         source: crate::lora::LoraError,
     },
+    /// The next replica of a chained stage (`forward_to`) failed or refused.
+    #[error("forwarding to {hop} failed: {message}")]
+    Forward { hop: String, message: String },
+    #[error("forward_to is refused on a server without an admin key (--admin-api-key or --api-key): forwarding sends requests where the client says")]
+    ForwardNotAllowed,
     #[error("{0}")]
     Internal(String),
 }
@@ -94,6 +99,8 @@ impl ApiError {
                 crate::lora::LoraError::NotFound => StatusCode::NOT_FOUND,
                 _ => StatusCode::BAD_REQUEST,
             },
+            ApiError::Forward { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::ForwardNotAllowed => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +111,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => Some("model"),
             ApiError::Lora { .. } => Some("lora_name"),
             ApiError::LimitExceeded { param, .. } => Some(param),
+            ApiError::ForwardNotAllowed => Some("forward_to"),
             ApiError::Engine(EngineError::InvalidParam(p)) => Some(p.param),
             ApiError::Engine(EngineError::InvalidStart { .. }) => Some("start"),
             ApiError::Chat(ChatError::Template(_)) | ApiError::Chat(ChatError::Splice(_)) => {
@@ -117,6 +125,7 @@ impl ApiError {
         match self.status() {
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::FORBIDDEN => "PermissionDeniedError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
             StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",

@@ -2,5 +2,7 @@
 //! any server claiming the contract). They share no state with the engine.
 
 pub mod bench;
+mod chain;
+mod fleet;
 pub mod push;
 pub mod validate;

@@ -218,3 +218,70 @@ class CorruptingProxy:
 
     def stop(self):
         self.listener.close()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to one replica that passes everything through
+    until a request for `path` starts: then it calls `on_cut()` (a test kills
+    the replica there) and closes the client's connection without forwarding
+    it, as a replica that died between the stage and the commit would."""
+
+    def __init__(self, target_url, path, on_cut):
+        host, port = target_url.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.marker = f" {path}".encode()
+        self.on_cut = on_cut
+        self.cut = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:  # the replica is gone: so is this connection
+            client.close()
+            return
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        tail = b""
+        try:
+            while chunk := client.recv(65536):
+                if self.marker in tail + chunk:
+                    self.cut += 1
+                    self.on_cut()
+                    break
+                tail = chunk[-len(self.marker):]
+                upstream.sendall(chunk)
+        except OSError:
+            pass
+        for s in (client, upstream):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        try:  # the replica closed (or died): so does the client's side
+            dst.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def stop(self):
+        self.listener.close()

@@ -4,6 +4,7 @@
 //! the `x-weights-sha256` check, and refused bodies discarded off to the
 //! side, holding nothing.
 
+use super::chain::Forward;
 use crate::api::error::ApiError;
 use crate::engine::refit::Update;
 use crate::weights::clip;
@@ -55,8 +56,9 @@ async fn next_chunk(
     }
 }
 
-/// Streams the body into `update`, at most `limit` bytes, and checks it
-/// against the client's `x-weights-sha256`, if sent. Stops at the first
+/// Streams the body into `update` (and, frame by frame, to the next replica
+/// of a chain), at most `limit` bytes, and checks it against the client's
+/// `x-weights-sha256`, if sent. Stops at the first
 /// refusal (the caller aborts the update, then discards the rest).
 pub async fn receive(
     body: &mut Body,
@@ -64,6 +66,7 @@ pub async fn receive(
     limit: usize,
     idle: Duration,
     update: &mut Update,
+    mut forward: Option<&mut Forward>,
 ) -> Result<(), ApiError> {
     let mut hasher = headers.contains_key(CHECKSUM_HEADER).then(Sha256::new);
     let mut total = 0usize;
@@ -74,6 +77,10 @@ pub async fn receive(
         }
         if let Some(h) = hasher.as_mut() {
             h.update(&chunk);
+        }
+        // On first, so the next replica works while this one converts.
+        if let Some(f) = forward.as_deref_mut() {
+            f.send(chunk.clone()).await?;
         }
         update.feed(&chunk)?;
     }

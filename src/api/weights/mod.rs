@@ -1,6 +1,7 @@
 //! Trainer-facing weight updates over HTTP: `POST /v1/weights` (a
 //! safetensors body), its two phases (`/v1/weights/stage`, `commit`,
-//! `abort`, `staged`), `POST /update_weights_from_disk` (a checkpoint
+//! `abort`, `staged`; a stage may forward its body along a chain of
+//! replicas), `POST /update_weights_from_disk` (a checkpoint
 //! directory), and `GET /get_weight_version`.
 //!
 //! These handlers parse queries, receive the body's frames (bounded, timed,
@@ -9,6 +10,7 @@
 //! recorded as) belongs to [`crate::engine::refit::Refitter`].
 
 mod body;
+mod chain;
 mod from_disk;
 mod push;
 pub(crate) mod query;

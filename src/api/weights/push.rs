@@ -4,6 +4,7 @@
 //! [`Refitter`]: crate::engine::refit::Refitter
 
 use super::body;
+use super::chain::Forward;
 use super::query::{self, PushQuery};
 use crate::api::error::ApiError;
 use crate::api::AppState;
@@ -24,6 +25,7 @@ pub(super) async fn receive_update(
     landing: Landing,
     headers: HeaderMap,
     mut body: Body,
+    forward: Option<&mut Forward>,
 ) -> Result<Landed, ApiError> {
     let idle = state.weights_body_idle;
     let refitter = &state.refitter;
@@ -47,7 +49,7 @@ pub(super) async fn receive_update(
         }
     };
     let limit = state.max_weights_bytes;
-    if let Err(e) = body::receive(&mut body, &headers, limit, idle, &mut update).await {
+    if let Err(e) = body::receive(&mut body, &headers, limit, idle, &mut update, forward).await {
         update.abort(&e);
         body::discard(body, &headers, idle);
         return Err(e);
@@ -77,7 +79,16 @@ pub async fn push_weights(
         let Json(pushed) = crate::api::lora::push_adapter(state, push, headers, body).await?;
         return Ok(Json(json!(pushed)));
     }
-    match receive_update(&state, raw_query.as_deref(), Landing::Commit, headers, body).await? {
+    match receive_update(
+        &state,
+        raw_query.as_deref(),
+        Landing::Commit,
+        headers,
+        body,
+        None,
+    )
+    .await?
+    {
         Landed::Committed(done) => Ok(Json(json!({
             "weight_version": done.version,
             "tensors": done.tensors,
