@@ -111,6 +111,20 @@ def convert_main(argv: list[str]) -> None:
 
                 cls.get_vocab_base_pre = lookup
                 patched.append(f"{mod.__name__}.{name}")
+    # Qwen's set_vocab tries sentencepiece first and falls back to BPE on
+    # FileNotFoundError (our fixture has no tokenizer.model), but imports
+    # sentencepiece before looking: look first, so it needn't be installed.
+    for cls in {c for m in modules for c in vars(m).values() if isinstance(c, type)}:
+        sp = vars(cls).get("_create_vocab_sentencepiece")
+        if sp is None:
+            continue
+
+        def create(self, _sp=sp):
+            if not (Path(self.dir_model) / "tokenizer.model").is_file():
+                raise FileNotFoundError(f"File not found: {self.dir_model}/tokenizer.model")
+            return _sp(self)
+
+        cls._create_vocab_sentencepiece = create
     if not patched:
         sys.exit("vs_llama_cpp: no get_vocab_base_pre found to wrap in this llama.cpp version")
     print(f"vs_llama_cpp: wrapped get_vocab_base_pre in {', '.join(patched)}", file=sys.stderr)

@@ -196,7 +196,7 @@ pub(crate) fn matmul_t_with(
 /// exactly 4 KiB apart all map to the same L1 sets, and a tile reads
 /// several at once (padding cannot change a result, only where rows live).
 fn padded_rows(x: &[f32], m: usize, k: usize) -> (std::borrow::Cow<'_, [f32]>, usize) {
-    if m == 1 || k % 1024 != 0 {
+    if m == 1 || !k.is_multiple_of(1024) {
         return (std::borrow::Cow::Borrowed(x), k);
     }
     let stride = k + 16;

@@ -3,6 +3,9 @@
 //! bit for bit (`f32::mul_add` is the same single-rounding fused
 //! multiply-add they issue).
 
+// Register tiles are indexed by row and column on purpose.
+#![allow(clippy::needless_range_loop)]
+
 use super::{finish, weight_at, Tile, TileSums};
 
 /// # Safety

@@ -2,6 +2,9 @@
 //! each output's sixteen lanes live in one 16-lane register (AVX-512) or
 //! two 8-lane halves (AVX2), then fold in the same fixed tree.
 
+// Register tiles are indexed by row and column on purpose.
+#![allow(clippy::needless_range_loop)]
+
 use super::{weight_at, Tile, TileSums, MAX_TILE_COLS, MAX_TILE_ROWS};
 use std::arch::x86_64::*;
 
