@@ -331,7 +331,8 @@ def main() -> None:
     extra = shlex.split(args.llama_args)
 
     def llama(t: str, prompt: int, tg: int, npl: list[int], tag: str):
-        ctx = max(npl) * (prompt + tg)
+        # One KV stream per sequence; llama.cpp pads each to a multiple of 256.
+        ctx = max(npl) * -(-(prompt + tg) // 256) * 256
         cmd = [str(batched), "-m", str(ggufs[t]), "-c", str(ctx), "-b", "2048", "-ub", "512",
                "-npp", str(prompt), "-ntg", str(tg), "-npl", ",".join(map(str, npl)),
                "-t", str(args.threads), "--output-format", "jsonl", *extra]
@@ -341,12 +342,7 @@ def main() -> None:
             sys.exit(f"vs_llama_cpp: llama-batched-bench gave no row for {missing} sequences (see {tag}-llama-{t}.log)")
         return got
 
-    # results[(engine label, prompt, seqs)] = [(decode, prefill) per round]
-    results: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
-    loads = []
-    for r in range(1, rounds + 1):
-        log(f"round {r}/{rounds}")
-        loads.append(load())
+    def llama_round(r: int) -> None:
         for t in types:
             label = f"llama.cpp {GGUF_TYPES[t]}"
             for (p, n), v in llama(t, PROMPT, gen, seqs, f"r{r}").items():
@@ -354,6 +350,8 @@ def main() -> None:
             if long_prompt:
                 for (p, n), v in llama(t, long_prompt, long_gen, [1], f"r{r}-long").items():
                     results.setdefault((label, p, n), []).append(v)
+
+    def gym_serve_round(r: int) -> None:
         env = dict(os.environ)
         env["GYM_SERVE_BENCH_SEQS"] = ",".join(map(str, seqs))
         env["GYM_SERVE_BENCH_LONG"] = str(long_prompt)
@@ -367,6 +365,18 @@ def main() -> None:
             sys.exit(f"vs_llama_cpp: no throughput table in the engine bench output (r{r}-gym-serve.log)")
         for (w, p, n), v in got.items():
             results.setdefault((f"gym-serve {w.lower()}", p, n), []).append(v)
+
+    # results[(engine label, prompt, seqs)] = [(decode, prefill) per round]
+    results: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+    loads = []
+    for r in range(1, rounds + 1):
+        log(f"round {r}/{rounds}")
+        loads.append(load())
+        # llama.cpp then gym-serve, then the other way round (ABBA), so that a
+        # steady drift in the machine's load hits both alike.
+        order = [llama_round, gym_serve_round] if r % 2 else [gym_serve_round, llama_round]
+        for step in order:
+            step(r)
     loads.append(load())
 
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))

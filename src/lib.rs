@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod engine;
+mod error_chain;
 pub mod huge_pages;
 pub mod loader;
 pub mod lora;

@@ -33,18 +33,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// A replica with `--admin-api-key KEY`, its test client sending the key.
 fn keyed(dir: &Path) -> Server {
-    let mut server = Server::start(dir, &["--admin-api-key", KEY]);
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {KEY}").parse().unwrap(),
-    );
-    server.http = reqwest::blocking::Client::builder()
-        .default_headers(headers)
-        .timeout(std::time::Duration::from_secs(120))
-        .build()
-        .unwrap();
-    server
+    Server::start_keyed(dir, KEY)
 }
 
 /// `POST /v1/weights/stage?{query}` with the body's checksum (or `sha`).

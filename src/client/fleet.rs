@@ -9,6 +9,7 @@
 //! converges them.
 
 use super::push::{base_url, progress_bar, Upload};
+use crate::error_chain::error_chain;
 use anyhow::bail;
 use indicatif::{MultiProgress, ProgressBar};
 use serde_json::Value;
@@ -69,16 +70,6 @@ pub(super) fn answer(
         return Err(format!("{status}: {}", text.trim()));
     }
     serde_json::from_str(&text).map_err(|e| format!("unreadable answer ({e}): {text}"))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    message
 }
 
 fn stage_one(

@@ -44,6 +44,23 @@ impl Server {
         }
     }
 
+    /// A server with `--admin-api-key key`, its test client sending the key.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn start_keyed(model: &Path, key: &str) -> Server {
+        let mut server = Server::start(model, &["--admin-api-key", key]);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
+        );
+        server.http = reqwest::blocking::Client::builder()
+            .default_headers(headers)
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .unwrap();
+        server
+    }
+
     /// Gives each request `secs` instead of two minutes (long generations
     /// on the unoptimized test build).
     pub fn with_timeout(mut self, secs: u64) -> Server {

@@ -14,6 +14,7 @@
 use super::body::CHECKSUM_HEADER;
 use crate::api::error::ApiError;
 use crate::api::AppState;
+use crate::error_chain::error_chain;
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap};
 use serde::{Deserialize, Serialize};
@@ -167,16 +168,6 @@ pub struct Forward {
     task: tokio::task::JoinHandle<Result<Vec<Hop>, ApiError>>,
     next: String,
     authorization: Option<header::HeaderValue>,
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    message
 }
 
 /// The hops a stage answer lists: the replica that answered, then its own chain.
