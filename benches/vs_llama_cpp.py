@@ -149,19 +149,23 @@ def load() -> str:
 
 
 def run_logged(cmd: list[str], raw: Path, env: dict | None = None, cwd: Path | None = None) -> str:
-    """Run `cmd`, tee'ing stdout+stderr into `raw`; return the combined output."""
+    """Run `cmd` with stdout+stderr going to `raw` as it runs; return that output."""
     log(f"{load()}: {' '.join(shlex.quote(c) for c in cmd)}")
     t = time.time()
-    header = f"# {datetime.datetime.now().isoformat()} {load()}\n# {shlex.join(cmd)}\n"
-    proc = subprocess.run(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
-    )
-    footer = f"\n# exit {proc.returncode} after {time.time() - t:.1f}s, {load()}\n"
-    raw.write_text(header + proc.stdout + footer)
+    with open(raw, "w") as f:
+        f.write(f"# {datetime.datetime.now().isoformat()} {load()}\n# {shlex.join(cmd)}\n")
+        f.flush()
+        start = f.tell()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    with open(raw) as f:
+        f.seek(start)
+        out = f.read()
+    with open(raw, "a") as f:
+        f.write(f"\n# exit {proc.returncode} after {time.time() - t:.1f}s, {load()}\n")
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:])
+        sys.stderr.write(out[-4000:])
         sys.exit(f"vs_llama_cpp: command failed ({proc.returncode}); output in {raw}")
-    return proc.stdout
+    return out
 
 
 def find_gym_serve(arg: str | None) -> Path:
