@@ -16,8 +16,9 @@
 //! ran in), and bf16 weights, widened exactly in registers, give exactly the
 //! f32 results of the same values stored as f32.
 //!
-//! Work splits into tasks of [`PANEL_ROWS`] activation rows by
-//! [`CHUNK_COLS`] weight rows (output columns); within a task each register
+//! Work splits into tasks of up to [`PANEL_ROWS`] activation rows by up to
+//! [`CHUNK_COLS`] weight rows (output columns), as many as fit L2 for the
+//! row length (`task_shape`); within a task each register
 //! tile takes a few activation rows and a few weight rows whole. A task's
 //! weight rows stay in L2 while its activation rows pass them, and tasks of
 //! one column chunk run back to back, so a prefill streams the weights once
@@ -86,14 +87,35 @@ pub(crate) struct Tile {
 /// `sums[i][r]`: the output of activation row `i` and weight row `r`.
 pub(crate) type TileSums = [[f32; MAX_TILE_COLS]; MAX_TILE_ROWS];
 
-/// Weight rows (output columns) per parallel task: 48 rows of 1024 f32
-/// (192 KB) stay in L2 while the task's activation rows pass them.
+/// Most weight rows (output columns) per parallel task.
 pub const CHUNK_COLS: usize = 48;
 
-/// Activation rows per parallel task: a decode step's rows are one panel;
-/// a prefill's are many, each 64 x 1024 f32 (256 KB) read from L3 per
-/// column chunk instead of the whole prompt's rows from memory.
+/// Most activation rows per parallel task: a decode step's rows are one
+/// panel; a prefill's are many.
 pub const PANEL_ROWS: usize = 64;
+
+/// A task's weight rows stay in L2 (256 KiB or more on the x86 cores we
+/// target) while its activation rows pass them...
+const CHUNK_BYTES: usize = 128 << 10;
+/// ...and its activation rows come from L2 too, at most this much.
+const PANEL_BYTES: usize = 192 << 10;
+
+/// `(weight rows, activation rows)` per task for rows of `k` values: as
+/// many as fit the budgets above, whole tiles, within the maxima. Only
+/// where outputs are computed depends on this, never how.
+fn task_shape(
+    k: usize,
+    weight_bytes: usize,
+    (tile_rows, tile_cols): (usize, usize),
+) -> (usize, usize) {
+    let fit = |budget: usize, row_bytes: usize, tile: usize, most: usize| {
+        (budget / row_bytes.max(1) / tile * tile).clamp(tile, most)
+    };
+    (
+        fit(CHUNK_BYTES, k * weight_bytes, tile_cols, CHUNK_COLS),
+        fit(PANEL_BYTES, k * 4, tile_rows, PANEL_ROWS),
+    )
+}
 
 /// The tile shape (activation rows, weight rows) each kernel runs.
 fn tile_shape(isa: Simd) -> (usize, usize) {
@@ -153,14 +175,16 @@ pub(crate) fn matmul_t_with(
     let (x, stride) = padded_rows(x, m, k);
     let x = &x;
     let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
-    let panels = m.div_ceil(PANEL_ROWS);
+    let weight_bytes = if w.is_bf16() { 2 } else { 4 };
+    let (chunk_cols, panel_rows) = task_shape(k, weight_bytes, (tile_rows, tile_cols));
+    let panels = m.div_ceil(panel_rows);
     // Chunk-major: consecutive tasks share their weight rows.
-    (0..n.div_ceil(CHUNK_COLS) * panels)
+    (0..n.div_ceil(chunk_cols) * panels)
         .into_par_iter()
         .for_each(|task| {
             let (c, p) = (task / panels, task % panels);
-            let (n0, n1) = (c * CHUNK_COLS, ((c + 1) * CHUNK_COLS).min(n));
-            let (m0, m1) = (p * PANEL_ROWS, ((p + 1) * PANEL_ROWS).min(m));
+            let (n0, n1) = (c * chunk_cols, ((c + 1) * chunk_cols).min(n));
+            let (m0, m1) = (p * panel_rows, ((p + 1) * panel_rows).min(m));
             let mut sums: TileSums = [[0.0; MAX_TILE_COLS]; MAX_TILE_ROWS];
             for i0 in (m0..m1).step_by(tile_rows) {
                 let rows = tile_rows.min(m1 - i0);
