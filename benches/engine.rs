@@ -18,7 +18,8 @@
 //! GYM_SERVE_BENCH_LORA=1 to add decode at 32 sequences with rank-16 LoRA
 //! adapters on all projections (base only, one adapter, four mixed, as a
 //! ratio to base; GYM_SERVE_BENCH_LORA=only for those rows alone,
-//! GYM_SERVE_BENCH_LORA_ROUNDS=N alternating rounds, 3, or 2 when quick)).
+//! GYM_SERVE_BENCH_LORA_ROUNDS=N alternating rounds, 3, or 2 when quick,
+//! GYM_SERVE_BENCH_LORA_PROMPT=N for prompts other than 256 tokens)).
 
 use candle_core::{DType, Device, Tensor};
 use gym_serve::config::{Architecture, ModelConfig};
@@ -371,12 +372,18 @@ fn median(values: &[f64]) -> f64 {
 /// Rank of the benchmark's adapters (issue #18's figure).
 const LORA_RANK: usize = 16;
 
-/// Decode tokens/s of `seqs` sequences (256-token prompts) with rank-16
+/// Decode tokens/s of `seqs` sequences (256-token prompts, or
+/// GYM_SERVE_BENCH_LORA_PROMPT) with rank-16
 /// adapters on all seven projections of every layer: base model only, every
 /// sequence on one adapter, round-robin over four. The configurations
 /// alternate over `rounds` rounds, each round starting one configuration
 /// later, so drift (other load on the machine) hits all of them alike.
 fn lora_rows(bench: &Throughput<'_>, seqs: usize, gen_len: usize, rounds: usize) -> Vec<String> {
+    // GYM_SERVE_BENCH_LORA_PROMPT=N: shorter prompts where prefill is slow.
+    let prompt_len: usize = std::env::var("GYM_SERVE_BENCH_LORA_PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
     let t = Instant::now();
     let adapters: Vec<Arc<LoraAdapter>> = (0..4)
         .map(|i| Arc::new(lora::adapter(bench.cfg, &format!("a{i}"), LORA_RANK, i + 1)))
@@ -404,7 +411,7 @@ LoRA: 4 random rank-{LORA_RANK} adapters on all {} projections ({:.1} MiB of f32
     for round in 0..rounds {
         for j in 0..configs.len() {
             let c = (round + j) % configs.len();
-            let m = bench.run_with(seqs, 256, gen_len, DType::F32, &configs[c].1);
+            let m = bench.run_with(seqs, prompt_len, gen_len, DType::F32, &configs[c].1);
             eprintln!(
                 "LoRA round {}: {}: decode {:.1} tok/s, prefill {:.0} tok/s",
                 round + 1,
@@ -420,7 +427,7 @@ LoRA: 4 random rank-{LORA_RANK} adapters on all {} projections ({:.1} MiB of f32
     let (base_best, base_median) = (best(&decode[0]), median(&decode[0]));
     let mut rows = vec![
         format!("
-LoRA decode, {:?} weights, {seqs} sequences x 256-token prompts, {gen_len} generated, rank {LORA_RANK} on q,k,v,o,gate,up,down; {rounds} alternating rounds", bench.weights),
+LoRA decode, {:?} weights, {seqs} sequences x {prompt_len}-token prompts, {gen_len} generated, rank {LORA_RANK} on q,k,v,o,gate,up,down; {rounds} alternating rounds", bench.weights),
         "| configuration | decode tok/s per round | best | vs base (best) | median | vs base (median) | prefill tok/s (best) |".to_string(),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |".to_string(),
     ];
