@@ -14,12 +14,18 @@
 //! GYM_SERVE_BENCH_MATMUL_ONLY=1 to stop after the matmul tables,
 //! GYM_SERVE_BENCH_SIMD=avx2 to run the AVX2 kernels on an AVX-512 machine,
 //! GYM_SERVE_BENCH_FAST=1 for `--fast-nondeterministic`,
-//! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model).
+//! GYM_SERVE_BENCH_PRESET=tiny to try it on the tiny model,
+//! GYM_SERVE_BENCH_LORA=1 to add decode at 32 sequences with rank-16 LoRA
+//! adapters on all projections (base only, one adapter, four mixed, as a
+//! ratio to base; GYM_SERVE_BENCH_LORA=only for those rows alone,
+//! GYM_SERVE_BENCH_LORA_ROUNDS=N alternating rounds, 3, or 2 when quick,
+//! GYM_SERVE_BENCH_LORA_PROMPT=N for prompts other than 256 tokens)).
 
 use candle_core::{DType, Device, Tensor};
 use gym_serve::config::{Architecture, ModelConfig};
 use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
 use gym_serve::engine::{DistributionParams, EngineEvent, SamplingParams};
+use gym_serve::lora::LoraAdapter;
 use gym_serve::make_model::{config_json, random_weights, Preset};
 use gym_serve::model::Model;
 use gym_serve::weights::ParamStore;
@@ -29,6 +35,8 @@ use tokio::sync::mpsc;
 
 #[path = "support/blas.rs"]
 mod blas;
+#[path = "support/lora.rs"]
+mod lora;
 #[path = "support/matmul.rs"]
 mod matmul;
 
@@ -158,6 +166,18 @@ struct Scenario {
 
 impl Scenario {
     fn add(&mut self, prompt: Vec<u32>, n: usize, max_tokens: usize, seed: u64) {
+        self.add_with(prompt, n, max_tokens, seed, None);
+    }
+
+    /// [`Scenario::add`] under `adapter` (`None`: the base model).
+    fn add_with(
+        &mut self,
+        prompt: Vec<u32>,
+        n: usize,
+        max_tokens: usize,
+        seed: u64,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) {
         let (events, rx) = mpsc::unbounded_channel();
         let params = SamplingParams {
             distribution: DistributionParams {
@@ -178,7 +198,7 @@ impl Scenario {
             seed,
             budget: max_tokens,
             events,
-            adapter: None,
+            adapter,
         });
     }
 
@@ -227,6 +247,24 @@ struct Measured {
 impl Throughput<'_> {
     /// `seqs` sequences of `prompt_len`-token prompts, `gen_len` generated.
     fn run(&self, seqs: usize, prompt_len: usize, gen_len: usize, kv_dtype: DType) -> Measured {
+        let m = self.run_with(seqs, prompt_len, gen_len, kv_dtype, &[]);
+        eprintln!(
+            "{:?} weights, {} sequences x {prompt_len}: decode {:.1} tok/s, prefill {:.0} tok/s",
+            self.weights, seqs, m.decode, m.prefill
+        );
+        m
+    }
+
+    /// [`Throughput::run`] with sequence `i` under `adapters[i % len]`
+    /// (none at all when `adapters` is empty).
+    fn run_with(
+        &self,
+        seqs: usize,
+        prompt_len: usize,
+        gen_len: usize,
+        kv_dtype: DType,
+        adapters: &[Option<Arc<LoraAdapter>>],
+    ) -> Measured {
         let kv_tokens = seqs * (prompt_len + gen_len) + 16 * seqs;
         let config = SchedulerConfig {
             block_size: 16,
@@ -242,11 +280,17 @@ impl Throughput<'_> {
         };
         let kv_bytes_per_token = self.model.kv_bytes_per_token(kv_dtype);
         for i in 0..seqs {
-            s.add(
+            let adapter = if adapters.is_empty() {
+                None
+            } else {
+                adapters[i % adapters.len()].clone()
+            };
+            s.add_with(
                 prompt(prompt_len, self.cfg.vocab_size, i),
                 1,
                 gen_len,
                 i as u64,
+                adapter,
             );
         }
         // Prefill: every prompt computed (each sequence then has its first token).
@@ -263,7 +307,7 @@ impl Throughput<'_> {
         let decode_s = t.elapsed().as_secs_f64();
         let decoded = s.generated();
         assert_eq!(first + decoded, seqs * gen_len);
-        let m = Measured {
+        Measured {
             seqs,
             prompt_len,
             gen_len,
@@ -272,12 +316,7 @@ impl Throughput<'_> {
             prefill: (seqs * prompt_len) as f64 / prefill_s,
             rss_mb: peak_rss_mb(),
             pool_mb: (config.num_blocks * 16 * kv_bytes_per_token) as f64 / (1 << 20) as f64,
-        };
-        eprintln!(
-            "{:?} weights, {} sequences x {prompt_len}: decode {:.1} tok/s, prefill {:.0} tok/s",
-            self.weights, seqs, m.decode, m.prefill
-        );
-        m
+        }
     }
 }
 
@@ -318,6 +357,129 @@ impl Measured {
     }
 }
 
+/// Middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Rank of the benchmark's adapters (issue #18's figure).
+const LORA_RANK: usize = 16;
+
+/// Decode tokens/s of `seqs` sequences (256-token prompts, or
+/// GYM_SERVE_BENCH_LORA_PROMPT) with rank-16
+/// adapters on all seven projections of every layer: base model only, every
+/// sequence on one adapter, round-robin over four. The configurations
+/// alternate over `rounds` rounds, each round starting one configuration
+/// later, so drift (other load on the machine) hits all of them alike.
+fn lora_rows(bench: &Throughput<'_>, seqs: usize, gen_len: usize, rounds: usize) -> Vec<String> {
+    // GYM_SERVE_BENCH_LORA_PROMPT=N: shorter prompts where prefill is slow.
+    let prompt_len: usize = std::env::var("GYM_SERVE_BENCH_LORA_PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let t = Instant::now();
+    let adapters: Vec<Arc<LoraAdapter>> = (0..4)
+        .map(|i| Arc::new(lora::adapter(bench.cfg, &format!("a{i}"), LORA_RANK, i + 1)))
+        .collect();
+    println!(
+        "
+LoRA: 4 random rank-{LORA_RANK} adapters on all {} projections ({:.1} MiB of f32 factors each), built in {:.1}s",
+        adapters[0].num_adapted(),
+        adapters[0].bytes() as f64 / (1 << 20) as f64,
+        t.elapsed().as_secs_f64()
+    );
+    let configs: Vec<(&str, Vec<Option<Arc<LoraAdapter>>>)> = vec![
+        ("base model only", vec![]),
+        (
+            "1 adapter (every sequence)",
+            vec![Some(adapters[0].clone())],
+        ),
+        (
+            "4 adapters mixed (round-robin)",
+            adapters.iter().cloned().map(Some).collect(),
+        ),
+    ];
+    let mut decode = vec![Vec::new(); configs.len()];
+    let mut prefill = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        for j in 0..configs.len() {
+            let c = (round + j) % configs.len();
+            let m = bench.run_with(seqs, prompt_len, gen_len, DType::F32, &configs[c].1);
+            eprintln!(
+                "LoRA round {}: {}: decode {:.1} tok/s, prefill {:.0} tok/s",
+                round + 1,
+                configs[c].0,
+                m.decode,
+                m.prefill
+            );
+            decode[c].push(m.decode);
+            prefill[c].push(m.prefill);
+        }
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (base_best, base_median) = (best(&decode[0]), median(&decode[0]));
+    let mut rows = vec![
+        format!("
+LoRA decode, {:?} weights, {seqs} sequences x {prompt_len}-token prompts, {gen_len} generated, rank {LORA_RANK} on q,k,v,o,gate,up,down; {rounds} alternating rounds", bench.weights),
+        "| configuration | decode tok/s per round | best | vs base (best) | median | vs base (median) | prefill tok/s (best) |".to_string(),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |".to_string(),
+    ];
+    for (c, (label, _)) in configs.iter().enumerate() {
+        let per_round: Vec<String> = decode[c].iter().map(|d| format!("{d:.1}")).collect();
+        rows.push(format!(
+            "| {label} | {} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} |",
+            per_round.join(", "),
+            best(&decode[c]),
+            best(&decode[c]) / base_best,
+            median(&decode[c]),
+            median(&decode[c]) / base_median,
+            best(&prefill[c])
+        ));
+    }
+    rows
+}
+
+/// Rounds of the LoRA rows (GYM_SERVE_BENCH_LORA_ROUNDS).
+fn lora_rounds(quick: bool) -> usize {
+    std::env::var("GYM_SERVE_BENCH_LORA_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 2 } else { 3 })
+}
+
+/// GYM_SERVE_BENCH_LORA=only: the LoRA rows alone, on f32 weights (or the
+/// first of GYM_SERVE_BENCH_WEIGHTS).
+fn lora_only_main(cfg: &ModelConfig, gen_len: usize, quick: bool) {
+    let weights = match std::env::var("GYM_SERVE_BENCH_WEIGHTS").as_deref() {
+        Ok(w) if w.trim_start().starts_with("bf16") => DType::BF16,
+        _ => DType::F32,
+    };
+    let tensors = random_weights(cfg, 0).unwrap().into_iter().collect();
+    let store =
+        ParamStore::from_tensors_holding(cfg, tensors, DType::F32, weights, &Device::Cpu).unwrap();
+    let model = Model::new(cfg, &store, &Device::Cpu).unwrap();
+    let bench = Throughput {
+        cfg,
+        model: &model,
+        weights_bytes: store.size_in_bytes(),
+        weights,
+        // Only the decode and prefill rates of the LoRA rows are printed.
+        flops_per_token: f64::NAN,
+        peak: f64::NAN,
+        bandwidth: f64::NAN,
+    };
+    for r in lora_rows(&bench, 32, gen_len, lora_rounds(quick)) {
+        println!("{r}");
+    }
+}
+
 #[global_allocator]
 static ALLOC: gym_serve::huge_pages::HugePageAlloc = gym_serve::huge_pages::HugePageAlloc;
 
@@ -344,6 +506,15 @@ fn main() {
         rayon::current_num_threads(),
         gym_serve::model::simd::simd()
     );
+
+    // GYM_SERVE_BENCH_LORA=1 adds the LoRA rows; `only` runs nothing else.
+    let lora_mode = std::env::var("GYM_SERVE_BENCH_LORA")
+        .ok()
+        .filter(|v| !v.is_empty() && v != "0");
+    let lora_only = lora_mode.as_deref() == Some("only");
+    if lora_only {
+        return lora_only_main(&cfg, gen_len, quick);
+    }
 
     // Memory limits: a decode step streams every weight and the whole cache.
     let bandwidth = read_bandwidth_gbs();
@@ -395,6 +566,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 0 } else { 4000 });
     let mut rows = Vec::new();
+    let mut lora_tables = Vec::new();
     let mut model = None;
     for &weights in &weight_dtypes {
         let t = Instant::now();
@@ -436,6 +608,9 @@ fn main() {
             runs.push((1, long_prompt, DType::F32));
         }
         let mut single = 0.0;
+        if lora_mode.is_some() && weights == weight_dtypes[0] {
+            lora_tables.extend(lora_rows(&bench, 32, gen_len, lora_rounds(quick)));
+        }
         for (seqs, prompt_len, kv_dtype) in runs {
             let gen = if prompt_len > 256 { 64 } else { gen_len };
             let r = bench.run(seqs, prompt_len, gen, kv_dtype);
@@ -451,6 +626,9 @@ fn main() {
     println!("| weights | sequences | decode tok/s | vs 1 seq | decode % of peak | memory roofline tok/s (reached) | prefill tok/s | prefill % of peak | peak RSS / weights + KV pool |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
+        println!("{r}");
+    }
+    for r in lora_tables {
         println!("{r}");
     }
     let Some(model) = model else {

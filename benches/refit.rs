@@ -7,7 +7,15 @@
 //! first converts into fresh memory, later ones into the memory of the
 //! weights they replace; a fifth push after the stream has ended.
 //!
-//! `cargo bench --bench refit` (GYM_SERVE_BENCH_PRESET=tiny for a quick try).
+//! Then, with nothing generating, alternating rounds of: the full bf16 push;
+//! a rank-16 LoRA adapter on all seven projections pushed with
+//! `POST /v1/weights?adapter=NAME` under a new name (creating it) and over
+//! the adapter the server already serves (a hot swap), as f32 (what PEFT
+//! saves) and as bf16: bytes and seconds from the first byte sent until
+//! the response, which comes once the new version serves.
+//!
+//! `cargo bench --bench refit` (GYM_SERVE_BENCH_PRESET=tiny for a quick try,
+//! GYM_SERVE_BENCH_ROUNDS=N adapter rounds, default 3).
 
 use candle_core::{DType, Device, Tensor};
 use gym_serve::config::{Architecture, ModelConfig};
@@ -18,6 +26,9 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/lora.rs"]
+mod lora;
 
 /// Frame size the staging row feeds (hyper hands a body over in frames of
 /// tens of KiB).
@@ -68,6 +79,8 @@ fn main() {
         .arg("--model")
         .arg(dir.path())
         .args(["--port", "0", "--kv-cache-tokens", "8192"])
+        // One adapter per adapter round is created.
+        .args(["--max-loras", "64"])
         .stdout(Stdio::piped())
         .stderr(
             std::fs::File::create(std::env::temp_dir().join("gym-serve-refit-bench.log")).unwrap(),
@@ -131,6 +144,45 @@ fn main() {
     // One more once the stream has finished: the same path with the cores
     // to itself.
     let (_, idle_push_s, _) = push("5");
+
+    // Adapter pushes against full pushes, alternating, nothing generating.
+    let rank = 16;
+    let adapter_f32 = lora::safetensors_bytes_as(&cfg, rank, 1, false);
+    let adapter_bf16 = lora::safetensors_bytes_as(&cfg, rank, 2, true);
+    let adapter_config = lora::config_json(rank);
+    // A push of `bytes` as adapter `name`: (client seconds, server seconds).
+    let push_adapter = |name: &str, bytes: &[u8]| {
+        let push_body = bytes.to_vec();
+        let sent = Instant::now();
+        let resp = http
+            .post(format!("{base}/v1/weights?adapter={name}"))
+            .header("x-adapter-config", &adapter_config)
+            .body(push_body)
+            .send()
+            .unwrap();
+        let status = resp.status();
+        let reply: serde_json::Value = resp.json().unwrap();
+        let seconds = sent.elapsed().as_secs_f64();
+        assert!(status.is_success(), "{status}: {reply}");
+        assert_eq!(reply["adapter"], name, "{reply}");
+        (seconds, reply["seconds"].as_f64().unwrap_or(f64::NAN))
+    };
+    // The adapter the hot swaps replace.
+    push_adapter("hot", &adapter_f32);
+    let rounds: usize = std::env::var("GYM_SERVE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .min(60);
+    // [full, create f32, hot swap f32, hot swap bf16] x rounds
+    let mut timed: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 4];
+    for round in 0..rounds {
+        let (_, full_s, _) = push(&(6 + round).to_string());
+        timed[0].push((full_s, f64::NAN));
+        timed[1].push(push_adapter(&format!("new{round}"), &adapter_f32));
+        timed[2].push(push_adapter("hot", &adapter_f32));
+        timed[3].push(push_adapter("hot", &adapter_bf16));
+    }
     let _ = server.kill();
     let _ = server.wait();
 
@@ -243,6 +295,44 @@ fn main() {
         "\ngeneration throughout: median inter-token gap {median:.3}s ({} tokens streamed)",
         times.len()
     );
+
+    let middle = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let full_median = middle(&timed[0].iter().map(|t| t.0).collect::<Vec<_>>());
+    println!("\n| push (nothing generating, {rounds} alternating rounds), rank {rank} on all projections | MB | seconds per round | median s | vs full push (median) | the server's own seconds (median) |");
+    println!("| --- | ---: | --- | ---: | ---: | ---: |");
+    let labels = [
+        ("full weights, bf16", body.len()),
+        ("adapter, f32, new name (creates it)", adapter_f32.len()),
+        (
+            "adapter, f32, hot swap of a served adapter",
+            adapter_f32.len(),
+        ),
+        (
+            "adapter, bf16, hot swap of a served adapter",
+            adapter_bf16.len(),
+        ),
+    ];
+    for ((label, bytes), t) in labels.iter().zip(&timed) {
+        let client: Vec<f64> = t.iter().map(|t| t.0).collect();
+        let server: Vec<f64> = t.iter().map(|t| t.1).collect();
+        let per_round: Vec<String> = client.iter().map(|s| format!("{s:.3}")).collect();
+        let own = if server.iter().all(|s| s.is_nan()) {
+            String::new()
+        } else {
+            format!("{:.3}", middle(&server))
+        };
+        println!(
+            "| {label} | {:.1} | {} | {:.3} | {:.3} | {own} |",
+            *bytes as f64 / 1e6,
+            per_round.join(", "),
+            middle(&client),
+            middle(&client) / full_median,
+        );
+    }
 }
 
 /// Seconds to POST `body` over loopback to a listener that only reads it:

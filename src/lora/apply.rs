@@ -1,10 +1,15 @@
 //! The low-rank update in the forward pass. The base projection runs once
 //! over every row of the step; then each row whose sequence has an adapter
-//! gets `y += (x·Aᵀ)·Bᵀ·scale`, in fp32, by a per-row kernel whose
-//! summation order is fixed: a row's result is the same whatever else is in
-//! the batch (other adapters, the base model, any batch size).
+//! gets `y += (x·Aᵀ)·Bᵀ·scale`, in fp32. The rows of one adapter are
+//! gathered and both products run on the engine's GEMM
+//! ([`crate::model::gemm::matmul_t`]), whose every output is one fixed
+//! reduction whatever the number of rows: a row's result is the same
+//! whatever else is in the batch (other adapters, the base model, any batch
+//! size), and each adapter's factors are read once per step, not once per
+//! row.
 
 use super::adapter::{LoraAdapter, LoraWeights};
+use crate::model::gemm::{matmul_t, Weights};
 use crate::model::linear::Linear;
 use crate::weights::names::LayerModule;
 use candle_core::{DType, Result, Tensor};
@@ -57,76 +62,168 @@ impl LayerAdapters<'_> {
             candle_core::bail!("adapter rows {} != step rows {rows}", per_row.len());
         }
         let x_host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let groups = group_rows(&per_row);
+        let updates: Vec<Vec<f32>> = groups
+            .par_iter()
+            .map(|g| group_delta(&x_host, in_dim, &g.rows, g.weights, g.scale))
+            .collect();
         let mut delta = vec![0f32; rows * out_dim];
-        delta
-            .par_chunks_mut(out_dim)
-            .zip(x_host.par_chunks(in_dim))
-            .zip(per_row.par_iter())
-            .for_each(|((out, x), w)| {
-                if let Some((w, scale)) = w {
-                    row_delta(x, w, *scale, out);
-                }
-            });
+        for (g, update) in groups.iter().zip(&updates) {
+            for (&row, values) in g.rows.iter().zip(update.chunks_exact(out_dim)) {
+                delta[row * out_dim..(row + 1) * out_dim].copy_from_slice(values);
+            }
+        }
         let delta = Tensor::from_vec(delta, (rows, out_dim), y.device())?.to_dtype(y.dtype())?;
         // Base rows add exact zeros: their values are unchanged.
         y + delta
     }
 }
 
-/// Lanes of the fixed-order dot product (vectorizes to one register).
-const LANES: usize = 8;
-
-/// `sum(a[i] * b[i])` in a fixed order: eight running sums over the
-/// aligned part, then the tail, then the lanes left to right.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ta.iter().zip(tb) {
-        tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
+/// The rows of a step that share one adapter's factors.
+struct Group<'a> {
+    weights: &'a LoraWeights,
+    scale: f32,
+    rows: Vec<usize>,
 }
 
-/// One row's update: `out = ((x·Aᵀ)·Bᵀ) * scale`, as PEFT orders it.
-fn row_delta(x: &[f32], w: &LoraWeights, scale: f32, out: &mut [f32]) {
-    let t: Vec<f32> = w.a.chunks_exact(w.in_dim).map(|a| dot(x, a)).collect();
-    for (o, b) in out.iter_mut().zip(w.b.chunks_exact(w.rank)) {
-        *o = dot(&t, b) * scale;
+/// Rows gathered by the factors they use (by identity), in row order.
+fn group_rows<'a>(per_row: &[Option<(&'a LoraWeights, f32)>]) -> Vec<Group<'a>> {
+    let mut groups: Vec<Group<'a>> = Vec::new();
+    for (row, w) in per_row.iter().enumerate() {
+        let Some((weights, scale)) = *w else {
+            continue;
+        };
+        let same = |g: &&mut Group<'a>| {
+            std::ptr::eq(g.weights, weights) && g.scale.to_bits() == scale.to_bits()
+        };
+        match groups.iter_mut().find(same) {
+            Some(g) => g.rows.push(row),
+            None => groups.push(Group {
+                weights,
+                scale,
+                rows: vec![row],
+            }),
+        }
     }
+    groups
+}
+
+/// `x [m, k] · w[n, k]ᵀ` on the engine's GEMM (one fixed reduction per
+/// output, whatever `m`).
+fn matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n);
+    matmul_t(
+        x,
+        m,
+        k,
+        Weights::F32(w),
+        n,
+        &mut out.spare_capacity_mut()[..m * n],
+    );
+    // SAFETY: matmul_t wrote all m * n values.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// The update of rows `rows` of `x` (`in_dim` values each), all under `w`:
+/// `((x·Aᵀ)·Bᵀ) * scale`, as PEFT orders it, `[rows.len(), out_dim]`.
+fn group_delta(x: &[f32], in_dim: usize, rows: &[usize], w: &LoraWeights, scale: f32) -> Vec<f32> {
+    let m = rows.len();
+    let mut gathered = Vec::with_capacity(m * in_dim);
+    for &row in rows {
+        gathered.extend_from_slice(&x[row * in_dim..(row + 1) * in_dim]);
+    }
+    let t = matmul(&gathered, m, in_dim, &w.a, w.rank);
+    let mut out = matmul(&t, m, w.rank, &w.b, w.out_dim);
+    for v in &mut out {
+        *v *= scale;
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn row_delta_is_the_low_rank_product() {
+    fn example() -> LoraWeights {
         // A = [[1, 2, 3], [0, 1, 0]] (r=2, in=3), B = [[1, 0], [2, 1], [0, 3], [1, 1]] (out=4)
-        let w = LoraWeights {
+        LoraWeights {
             a: vec![1., 2., 3., 0., 1., 0.],
             b: vec![1., 0., 2., 1., 0., 3., 1., 1.],
             rank: 2,
             in_dim: 3,
             out_dim: 4,
-        };
-        let x = [1., -1., 2.];
-        // x·Aᵀ = [1 - 2 + 6, -1] = [5, -1]; ·Bᵀ = [5, 9, -3, 4]; * 0.5
-        let mut out = [0f32; 4];
-        row_delta(&x, &w, 0.5, &mut out);
-        assert_eq!(out, [2.5, 4.5, -1.5, 2.0]);
+        }
     }
 
     #[test]
-    fn dot_covers_lanes_and_tail() {
-        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        let b = vec![1f32; 19];
-        assert_eq!(dot(&a, &b), (0..19).sum::<i32>() as f32);
+    fn group_delta_is_the_low_rank_product() {
+        let w = example();
+        // Row 1 is [1, -1, 2]: x·Aᵀ = [1 - 2 + 6, -1] = [5, -1]; ·Bᵀ = [5, 9, -3, 4]; * 0.5
+        let x = [9., 9., 9., 1., -1., 2.];
+        assert_eq!(group_delta(&x, 3, &[1], &w, 0.5), [2.5, 4.5, -1.5, 2.0]);
+    }
+
+    /// Deterministic values in [-0.5, 0.5) with full mantissas.
+    fn values(seed: u64, len: usize) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rows_update_does_not_depend_on_its_group() {
+        // Off every tile and lane size: in 1031, out 53, rank 16.
+        let (in_dim, out_dim, rank) = (1031, 53, 16);
+        let w = LoraWeights {
+            a: values(1, rank * in_dim),
+            b: values(2, out_dim * rank),
+            rank,
+            in_dim,
+            out_dim,
+        };
+        let rows = 37;
+        let x = values(3, rows * in_dim);
+        let all: Vec<usize> = (0..rows).collect();
+        let together = group_delta(&x, in_dim, &all, &w, 2.0);
+        for row in [0, 5, 17, 36] {
+            let alone = group_delta(&x, in_dim, &[row], &w, 2.0);
+            let got = &together[row * out_dim..(row + 1) * out_dim];
+            assert!(
+                got.iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {row}"
+            );
+            let pair = group_delta(&x, in_dim, &[rows - 1 - row, row], &w, 2.0);
+            assert!(
+                pair[out_dim..]
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {row} in a pair"
+            );
+        }
+    }
+
+    #[test]
+    fn rows_group_by_their_factors() {
+        let (w1, w2) = (example(), example());
+        let per_row = [
+            Some((&w1, 1.0)),
+            None,
+            Some((&w2, 1.0)),
+            Some((&w1, 1.0)),
+            Some((&w1, 2.0)),
+        ];
+        let groups = group_rows(&per_row);
+        let rows: Vec<Vec<usize>> = groups.iter().map(|g| g.rows.clone()).collect();
+        assert_eq!(rows, [vec![0, 3], vec![2], vec![4]]);
     }
 }
