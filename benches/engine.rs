@@ -569,6 +569,9 @@ fn main() {
     let mut lora_tables = Vec::new();
     let mut model = None;
     for &weights in &weight_dtypes {
+        // The previous dtype's model goes first, so each row's peak RSS is
+        // its own weights'.
+        drop(model.take());
         let t = Instant::now();
         let tensors = random_weights(&cfg, 0).unwrap().into_iter().collect();
         let store =
