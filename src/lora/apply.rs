@@ -164,18 +164,7 @@ mod tests {
         assert_eq!(group_delta(&x, 3, &[1], &w, 0.5), [2.5, 4.5, -1.5, 2.0]);
     }
 
-    /// Deterministic values in [-0.5, 0.5) with full mantissas.
-    fn values(seed: u64, len: usize) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::model::gemm::tests::values;
 
     #[test]
     fn a_rows_update_does_not_depend_on_its_group() {

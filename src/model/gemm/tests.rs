@@ -1,7 +1,8 @@
 use super::*;
 
-/// Deterministic values in [-0.5, 0.5) with full 24-bit mantissas.
-fn values(seed: u64, len: usize) -> Vec<f32> {
+/// Deterministic values in [-0.5, 0.5) with full 24-bit mantissas (other
+/// kernels' tests use them too).
+pub(crate) fn values(seed: u64, len: usize) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
