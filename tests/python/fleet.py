@@ -150,13 +150,9 @@ def version_spans(response):
     return [(s["version"], s["start"], s["end"]) for s in spans]
 
 
-class CorruptingProxy:
-    """A loopback TCP proxy to one replica that flips one byte inside the first
-    large request body it forwards (a weight push), and passes everything else
-    through: the replica behind it gets a corrupt body while the others get the
-    one the client sent."""
-
-    LARGE = 100_000
+class _LoopbackProxy:
+    """A TCP listener on loopback in front of one replica (`target_url`):
+    each accepted connection goes to `_serve(client)` on a thread of its own."""
 
     def __init__(self, target_url):
         host, port = target_url.removeprefix("http://").rsplit(":", 1)
@@ -165,8 +161,8 @@ class CorruptingProxy:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.corrupted = 0
-        self.lock = threading.Lock()
+
+    def start(self):
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -175,9 +171,30 @@ class CorruptingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def stop(self):
+        self.listener.close()
+
+
+class CorruptingProxy(_LoopbackProxy):
+    """A loopback TCP proxy to one replica that flips one byte inside the first
+    large request body it forwards (a weight push), and passes everything else
+    through: the replica behind it gets a corrupt body while the others get the
+    one the client sent."""
+
+    LARGE = 100_000
+
+    def __init__(self, target_url):
+        super().__init__(target_url)
+        self.corrupted = 0
+        self.lock = threading.Lock()
+        self.start()
+
+    def _serve(self, client):
+        upstream = socket.create_connection(self.target)
+        threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+        self._pipe(upstream, client, False)
 
     def _flip_offset(self, buf, base):
         """Scan request heads in `buf` (stream offset `base`); the offset of the
@@ -216,35 +233,19 @@ class CorruptingProxy:
                 except OSError:
                     pass
 
-    def stop(self):
-        self.listener.close()
 
-
-class CuttingProxy:
+class CuttingProxy(_LoopbackProxy):
     """A loopback TCP proxy to one replica that passes everything through
     until a request for `path` starts: then it calls `on_cut()` (a test kills
     the replica there) and closes the client's connection without forwarding
     it, as a replica that died between the stage and the commit would."""
 
     def __init__(self, target_url, path, on_cut):
-        host, port = target_url.removeprefix("http://").rsplit(":", 1)
-        self.target = (host, int(port))
+        super().__init__(target_url)
         self.marker = f" {path}".encode()
         self.on_cut = on_cut
         self.cut = 0
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        self.start()
 
     def _serve(self, client):
         try:
@@ -282,6 +283,3 @@ class CuttingProxy:
             dst.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-
-    def stop(self):
-        self.listener.close()
