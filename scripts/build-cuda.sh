@@ -2,7 +2,8 @@
 # Builds gym-serve's `cuda` feature on a machine without a GPU or a system CUDA,
 # from NVIDIA's CUDA 13.0 toolkit wheels on PyPI (pinned by version and hash).
 #
-#   scripts/build-cuda.sh            # cargo check --features cuda --all-targets
+#   scripts/build-cuda.sh            # cargo check --features cuda --all-targets (minutes:
+#                                    #   candle's kernels are not compiled, see nvcc-check-only)
 #   scripts/build-cuda.sh release    # cargo build --release --features cuda --bin gym-serve
 #   scripts/build-cuda.sh env        # only install the toolkit; print the exports
 #
@@ -109,6 +110,10 @@ env)
   echo "export LIBRARY_PATH=$root/lib:$root/lib/stubs CARGO_TARGET_DIR=$target_dir"
   ;;
 check)
+  # candle's own kernels are not compiled for a check (scripts/nvcc-check-only
+  # says why); its own target dir keeps those empty stand-ins away from builds.
+  export GYM_SERVE_REAL_NVCC="$root/bin/nvcc" NVCC="$repo/scripts/nvcc-check-only"
+  export CARGO_TARGET_DIR="$target_dir-check"
   cargo check --locked --features cuda --all-targets
   echo "cargo check --features cuda --all-targets done in $((SECONDS - started))s"
   ;;
