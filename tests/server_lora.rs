@@ -397,3 +397,106 @@ fn bad_adapters_are_refused_by_name_and_change_nothing() {
     let (status, _) = server.post("/v1/completions", &completion("second", 1, 4));
     assert_eq!(status, 404);
 }
+
+#[test]
+fn bad_adapter_pushes_are_refused_by_name_and_change_nothing() {
+    // The push path reads the file as it arrives (not the disk loader's
+    // path): every refusal names the adapter and what was wrong.
+    let model = common::write_model(&common::tiny_options(Architecture::Qwen3, 34));
+    let dir = adapters(1); // a0, rank 4
+    let mut args = lora_args(dir.path(), 1);
+    args.extend(["--max-lora-rank", "8"].map(String::from));
+    let server = start(model.path(), &args);
+    let before = server.ok("/v1/completions", &completion("a0", 5, 12));
+    let (_, models_before) = server.get("/v1/models");
+    let good = adapter_tensors(4, 9);
+    let good_bytes = serialize(&good);
+    let mut wrong_shape = good.clone();
+    wrong_shape[3].1 = Tensor::zeros((4, 65), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mut poisoned = good.clone();
+    let (r, c) = poisoned[5].1.dims2().unwrap();
+    let mut v = values(r * c, 3);
+    v[r * c / 2] = f32::INFINITY;
+    poisoned[5].1 = Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap();
+    let mut extra = good.clone();
+    extra.push((
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".into(),
+        Tensor::zeros(64, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    ));
+    let mut dora = config_json(4);
+    dora["use_dora"] = json!(true);
+    let mut lm_head = config_json(4);
+    lm_head["target_modules"] = json!(["q_proj", "lm_head"]);
+    let mut long = good_bytes.clone();
+    long.extend_from_slice(&[0; 8]);
+    let wrong_sha = "0".repeat(64);
+    let cases: Vec<(&str, Value, Vec<u8>, Option<&str>, &str)> = vec![
+        (
+            "rank",
+            config_json(16),
+            serialize(&adapter_tensors(16, 1)),
+            None,
+            "--max-lora-rank",
+        ),
+        ("head", lm_head, good_bytes.clone(), None, "lm_head"),
+        ("dora", dora, good_bytes.clone(), None, "use_dora"),
+        ("shape", config_json(4), serialize(&wrong_shape), None, &good[3].0),
+        ("missing", config_json(4), serialize(&good[1..]), None, &good[0].0),
+        ("extra", config_json(4), serialize(&extra), None, "DoRA"),
+        ("nonfinite", config_json(4), serialize(&poisoned), None, &good[5].0),
+        ("corrupt", config_json(4), b"not safetensors".to_vec(), None, "safetensors"),
+        (
+            "short",
+            config_json(4),
+            good_bytes[..good_bytes.len() - 9].to_vec(),
+            None,
+            "ended before",
+        ),
+        ("long", config_json(4), long, None, "past its last tensor"),
+        (
+            "checksum",
+            config_json(4),
+            good_bytes.clone(),
+            Some(&wrong_sha),
+            "checksum mismatch",
+        ),
+    ];
+    for (case, config, body, sha, expect) in &cases {
+        let mut req = server
+            .http
+            .post(server.url("/v1/weights?adapter=a0&version=bad"))
+            .header("x-adapter-config", config.to_string())
+            .body(body.clone());
+        if let Some(sha) = sha {
+            req = req.header("x-weights-sha256", *sha);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        let reply: Value = resp.json().unwrap_or(Value::Null);
+        assert_eq!(status, 400, "{case}: {reply}");
+        let msg = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("a0") || *case == "checksum", "{case}: {msg}");
+        assert!(msg.contains(expect), "{case}: {msg}");
+    }
+    let after = server.ok("/v1/completions", &completion("a0", 5, 12));
+    assert_eq!(tokens_and_logprobs(&before), tokens_and_logprobs(&after));
+    assert_eq!(after["weight_version"], "0");
+    let (_, models_after) = server.get("/v1/models");
+    assert_eq!(models_before, models_after);
+    // The same bytes, whole and with their real checksum, are taken.
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&good_bytes).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let resp = server
+        .http
+        .post(server.url("/v1/weights?adapter=a0&version=good"))
+        .header("x-weights-sha256", sha)
+        .body(good_bytes)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let after = server.ok("/v1/completions", &completion("a0", 5, 12));
+    assert_eq!(after["weight_version"], "good");
+    assert_ne!(tokens_and_logprobs(&before), tokens_and_logprobs(&after));
+}

@@ -10,10 +10,12 @@
 
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::weights::body as weights_body;
 use super::AppState;
 use crate::engine::PauseMode;
 use crate::lora::registry::{check_name, read_adapter_dir};
-use crate::lora::{AdapterConfig, LoraAdapter, LoraError};
+use crate::lora::stream::{AdapterStream, ResolveConfig, CONFIG_METADATA};
+use crate::lora::{AdapterConfig, LoraAdapter, LoraError, LoraRegistry};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -27,7 +29,6 @@ use std::time::Instant;
 /// the safetensors metadata key `adapter_config`, else the config of the
 /// adapter being replaced).
 pub const CONFIG_HEADER: &str = "x-adapter-config";
-const CONFIG_METADATA: &str = "adapter_config";
 
 /// Version label of an adapter loaded from disk.
 const LOADED_VERSION: &str = "0";
@@ -177,27 +178,18 @@ pub struct AdapterPush {
     pub pause: PauseMode,
 }
 
-/// The config of a pushed adapter: the header, the file's metadata, or
-/// the current version's.
+/// The config of a pushed adapter: the header, else the file's metadata,
+/// else the current version's.
 fn push_config(
     name: &str,
-    headers: &HeaderMap,
-    bytes: &[u8],
+    header: Option<AdapterConfig>,
+    from_file: Option<&str>,
     current: Option<&LoraAdapter>,
 ) -> Result<AdapterConfig, LoraError> {
-    if let Some(h) = headers.get(CONFIG_HEADER) {
-        let text = h
-            .to_str()
-            .map_err(|_| LoraError::Config(format!("the {CONFIG_HEADER} header is not ASCII")))?;
-        return AdapterConfig::from_json(text);
+    if let Some(config) = header {
+        return Ok(config);
     }
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| LoraError::Format(e.to_string()))?;
-    if let Some(text) = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(CONFIG_METADATA))
-    {
+    if let Some(text) = from_file {
         return AdapterConfig::from_json(text);
     }
     current.map(|c| c.config.clone()).ok_or_else(|| {
@@ -205,6 +197,17 @@ fn push_config(
             "adapter {name:?} is new: send its adapter_config.json in the {CONFIG_HEADER} header or the file's `{CONFIG_METADATA}` metadata"
         ))
     })
+}
+
+/// The adapter config a push's header carries, if any.
+fn header_config(headers: &HeaderMap) -> Result<Option<AdapterConfig>, LoraError> {
+    let Some(h) = headers.get(CONFIG_HEADER) else {
+        return Ok(None);
+    };
+    let text = h
+        .to_str()
+        .map_err(|_| LoraError::Config(format!("the {CONFIG_HEADER} header is not ASCII")))?;
+    AdapterConfig::from_json(text).map(Some)
 }
 
 /// `POST /v1/weights?adapter=NAME[&version=V&pause=wait|abort|keep]`: the
@@ -218,35 +221,50 @@ pub async fn push_adapter(
 ) -> Result<Json<AdapterPushed>, ApiError> {
     let started = Instant::now();
     let name = push.name.clone();
-    check_new_name(&state, &name)?;
-    state
-        .lora
-        .check_room(&name)
-        .map_err(|e| refused(&name, e))?;
-    let limit = state.max_weights_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+    let (limit, idle) = (state.max_weights_bytes, state.weights_body_idle);
+    let mut body = body;
     let current = state.lora.get(&name);
-    let config =
-        push_config(&name, &headers, &bytes, current.as_deref()).map_err(|e| refused(&name, e))?;
-    state
-        .lora
-        .check_config(&config)
-        .map_err(|e| refused(&name, e))?;
     let version = push.version.clone().unwrap_or_else(|| {
         current.as_ref().map_or("1".to_string(), |c| {
             crate::engine::refit::next_version(&c.version)
         })
     });
+    let checked = check_new_name(&state, &name).and_then(|()| {
+        state.lora.check_room(&name).map_err(|e| refused(&name, e))?;
+        header_config(&headers).map_err(|e| refused(&name, e))
+    });
+    let header = match checked {
+        Ok(header) => header,
+        Err(e) => {
+            // The client still sending gets the answer, not a reset.
+            weights_body::discard(body, &headers, idle);
+            return Err(e);
+        }
+    };
+    // The config is known once the file's header is in (it may carry it).
+    let limits = state.lora.limits();
+    let resolve: ResolveConfig = {
+        let (name, current) = (name.clone(), current.clone());
+        Box::new(move |from_file| {
+            let config = push_config(&name, header, from_file, current.as_deref())?;
+            LoraRegistry::check_limits(limits, &config)?;
+            Ok(config)
+        })
+    };
     let model = state.refitter.model_config().clone();
-    let (n, v, len) = (name.clone(), version.clone(), bytes.len());
-    let adapter = tokio::task::spawn_blocking(move || {
-        LoraAdapter::from_safetensors(&n, &v, config, &bytes, &model)
+    let mut stream = AdapterStream::new(&name, &version, model, resolve);
+    let mut len = 0usize;
+    let received = weights_body::receive_with(&mut body, &headers, limit, idle, |chunk| {
+        len += chunk.len();
+        stream.feed(chunk).map_err(|e| refused(&name, e))
     })
-    .await
-    .map_err(|e| ApiError::Internal(format!("adapter builder: {e}")))?
-    .map_err(|e| refused(&name, e))?;
+    .await;
+    if let Err(e) = received {
+        weights_body::discard(body, &headers, idle);
+        return Err(e);
+    }
+    let received_s = started.elapsed().as_secs_f64();
+    let adapter = stream.finish().map_err(|e| refused(&name, e))?;
     let mut adapter = adapter;
     adapter.source = "pushed".into();
     let tensors = 2 * adapter.num_adapted();
@@ -256,7 +274,11 @@ pub async fn push_adapter(
         .map_err(|e| refused(&name, e))?;
     let report = state.engine.swap_adapter(name.clone(), push.pause).await?;
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(adapter = %name, version = %version, bytes = len, seconds, "LoRA adapter pushed");
+    // Where a slow push's time went: receiving and converting, or the swap.
+    tracing::info!(
+        adapter = %name, version = %version, bytes = len, seconds, received_s,
+        "LoRA adapter pushed"
+    );
     Ok(Json(AdapterPushed {
         adapter: name,
         weight_version: version,

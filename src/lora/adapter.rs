@@ -63,9 +63,66 @@ fn st_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType, LoraError> {
     }
 }
 
+/// One factor an adapter's config calls for: its tensor's name, where it
+/// goes, and the shape it must have.
+pub(super) struct ExpectedFactor {
+    pub name: String,
+    pub layer: usize,
+    pub slot: usize,
+    pub shape: [usize; 2],
+}
+
+impl ExpectedFactor {
+    pub(super) fn check_shape(&self, shape: &[usize]) -> Result<(), LoraError> {
+        if shape != self.shape {
+            return Err(LoraError::ShapeMismatch {
+                tensor: self.name.clone(),
+                expected: self.shape.to_vec(),
+                found: shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The dtype to convert from: f32, bf16 or f16.
+    pub(super) fn check_dtype(&self, dtype: DType) -> Result<DType, LoraError> {
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 => Ok(dtype),
+            other => Err(LoraError::UnsupportedDtype {
+                tensor: self.name.clone(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+/// Every factor `config` calls for on `model`, in the order layers and
+/// projections come: each projection's `A [r, in]`, then its `B [out, r]`.
+pub(super) fn expected_factors(
+    config: &AdapterConfig,
+    model: &ModelConfig,
+) -> Result<Vec<ExpectedFactor>, LoraError> {
+    let dims = projection_dims(model);
+    let r = config.rank;
+    let mut expected = Vec::new();
+    for (layer, module) in config.targeted(model.num_hidden_layers)? {
+        let (out_dim, in_dim) = dims[&module];
+        let slot = projection_index(module).expect("targets are projections");
+        for (factor, shape) in [(LoraFactor::A, [r, in_dim]), (LoraFactor::B, [out_dim, r])] {
+            expected.push(ExpectedFactor {
+                name: lora_param(layer, module, factor),
+                layer,
+                slot,
+                shape,
+            });
+        }
+    }
+    Ok(expected)
+}
+
 /// Why a tensor the adapter does not call for is there, as precisely as
 /// its name tells.
-fn unexpected_tensor(name: &str) -> LoraError {
+pub(super) fn unexpected_tensor(name: &str) -> LoraError {
     let why = if name.contains("lora_embedding_") {
         Some(("target_modules", "embedding adapters are not supported"))
     } else if name.contains("lora_magnitude_vector") {
@@ -101,50 +158,56 @@ impl LoraAdapter {
         model: &ModelConfig,
     ) -> Result<Self, LoraError> {
         let file = SafeTensors::deserialize(bytes).map_err(|e| LoraError::Format(e.to_string()))?;
-        let targeted = config.targeted(model.num_hidden_layers)?;
-        let dims = projection_dims(model);
+        let expected = expected_factors(&config, model)?;
         let mut tensors: HashMap<String, safetensors::tensor::TensorView<'_>> =
             file.tensors().into_iter().collect();
-        let mut layers: Vec<[Option<LoraWeights>; 7]> = (0..model.num_hidden_layers)
-            .map(|_| Default::default())
-            .collect();
-        let r = config.rank;
-        for (layer, module) in targeted {
-            let (out_dim, in_dim) = dims[&module];
-            let mut take = |factor: LoraFactor, shape: [usize; 2]| -> Result<Vec<f32>, LoraError> {
-                let tname = lora_param(layer, module, factor);
-                let view = tensors
-                    .remove(&tname)
-                    .ok_or_else(|| LoraError::MissingTensor(tname.clone()))?;
-                if view.shape() != shape {
-                    return Err(LoraError::ShapeMismatch {
-                        tensor: tname,
-                        expected: shape.to_vec(),
-                        found: view.shape().to_vec(),
-                    });
-                }
-                let dtype = st_dtype(&tname, view.dtype())?;
-                let mut out = vec![0f32; shape[0] * shape[1]];
-                if !convert_slice(view.data(), dtype, &mut out) {
-                    return Err(LoraError::NonFinite(tname));
-                }
-                Ok(out)
-            };
-            let a = take(LoraFactor::A, [r, in_dim])?;
-            let b = take(LoraFactor::B, [out_dim, r])?;
-            let slot = projection_index(module).expect("targets are projections");
-            layers[layer][slot] = Some(LoraWeights {
-                a,
-                b,
-                rank: r,
-                in_dim,
-                out_dim,
-            });
+        let mut values = Vec::with_capacity(expected.len());
+        for e in &expected {
+            let view = tensors
+                .remove(&e.name)
+                .ok_or_else(|| LoraError::MissingTensor(e.name.clone()))?;
+            e.check_shape(view.shape())?;
+            let dtype = st_dtype(&e.name, view.dtype())?;
+            let mut out = vec![0f32; e.shape[0] * e.shape[1]];
+            if !convert_slice(view.data(), dtype, &mut out) {
+                return Err(LoraError::NonFinite(e.name.clone()));
+            }
+            values.push(out);
         }
         if let Some(extra) = tensors.keys().min() {
             return Err(unexpected_tensor(extra));
         }
-        Ok(Self {
+        Ok(Self::assemble(name, version, config, model, &expected, values))
+    }
+
+    /// The adapter of `values`, one per factor of `expected` (as
+    /// [`expected_factors`] lists them: each projection's A, then its B).
+    pub(super) fn assemble(
+        name: &str,
+        version: &str,
+        config: AdapterConfig,
+        model: &ModelConfig,
+        expected: &[ExpectedFactor],
+        values: Vec<Vec<f32>>,
+    ) -> Self {
+        let mut layers: Vec<[Option<LoraWeights>; 7]> = (0..model.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        let mut values = values.into_iter();
+        for pair in expected.chunks_exact(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            let (Some(a_values), Some(b_values)) = (values.next(), values.next()) else {
+                break;
+            };
+            layers[a.layer][a.slot] = Some(LoraWeights {
+                a: a_values,
+                b: b_values,
+                rank: a.shape[0],
+                in_dim: a.shape[1],
+                out_dim: b.shape[0],
+            });
+        }
+        Self {
             name: name.to_string(),
             version: Arc::from(version),
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
@@ -152,7 +215,7 @@ impl LoraAdapter {
             config,
             source: String::new(),
             layers,
-        })
+        }
     }
 
     /// The factors of `module` in `layer`, when the adapter targets it.

@@ -7,6 +7,7 @@ pub mod adapter;
 pub mod apply;
 pub mod config;
 pub mod registry;
+pub mod stream;
 
 pub use adapter::{LoraAdapter, LoraWeights};
 pub use apply::StepAdapters;

@@ -75,10 +75,15 @@ impl LoraRegistry {
 
     /// Refuses a config over the rank limit.
     pub fn check_config(&self, config: &AdapterConfig) -> Result<(), LoraError> {
-        if config.rank > self.limits.max_rank {
+        Self::check_limits(self.limits, config)
+    }
+
+    /// [`Self::check_config`] without the registry at hand.
+    pub fn check_limits(limits: LoraLimits, config: &AdapterConfig) -> Result<(), LoraError> {
+        if config.rank > limits.max_rank {
             return Err(LoraError::RankTooLarge {
                 rank: config.rank,
-                limit: self.limits.max_rank,
+                limit: limits.max_rank,
             });
         }
         Ok(())

@@ -56,6 +56,44 @@ async fn next_chunk(
     }
 }
 
+/// The SHA-256 a client declared in `x-weights-sha256`, checked against
+/// the bytes as they pass.
+struct Checksum(Option<Sha256>);
+
+impl Checksum {
+    fn new(headers: &HeaderMap) -> Self {
+        Self(headers.contains_key(CHECKSUM_HEADER).then(Sha256::new))
+    }
+
+    fn update(&mut self, chunk: &[u8]) {
+        if let Some(h) = self.0.as_mut() {
+            h.update(chunk);
+        }
+    }
+
+    fn verify(self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let (Some(expected), Some(hasher)) = (headers.get(CHECKSUM_HEADER), self.0) else {
+            return Ok(());
+        };
+        let digest: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let expected = expected.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        if expected != digest {
+            return Err(ApiError::bad_request(
+                format!(
+                    "checksum mismatch: x-weights-sha256 is {}, the body's SHA-256 is {digest}",
+                    clip(&expected)
+                ),
+                Some(CHECKSUM_HEADER),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Streams the body into `update` (and, frame by frame, to the next replica
 /// of a chain), at most `limit` bytes, and checks it against the client's
 /// `x-weights-sha256`, if sent. Stops at the first
@@ -68,43 +106,44 @@ pub async fn receive(
     update: &mut Update,
     mut forward: Option<&mut Forward>,
 ) -> Result<(), ApiError> {
-    let mut hasher = headers.contains_key(CHECKSUM_HEADER).then(Sha256::new);
+    let mut checksum = Checksum::new(headers);
     let mut total = 0usize;
     while let Some(chunk) = next_chunk(body, idle).await? {
         total += chunk.len();
         if total > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        if let Some(h) = hasher.as_mut() {
-            h.update(&chunk);
-        }
+        checksum.update(&chunk);
         // On first, so the next replica works while this one converts.
         if let Some(f) = forward.as_deref_mut() {
             f.send(chunk.clone()).await?;
         }
         update.feed(&chunk)?;
     }
-    match (headers.get(CHECKSUM_HEADER), hasher) {
-        (Some(expected), Some(hasher)) => {
-            let digest: String = hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            let expected = expected.to_str().unwrap_or("").trim().to_ascii_lowercase();
-            if expected != digest {
-                return Err(ApiError::bad_request(
-                    format!(
-                        "checksum mismatch: x-weights-sha256 is {}, the body's SHA-256 is {digest}",
-                        clip(&expected)
-                    ),
-                    Some(CHECKSUM_HEADER),
-                ));
-            }
-            Ok(())
+    checksum.verify(headers)
+}
+
+/// Hands the body to `sink` frame by frame (an adapter push), with the
+/// bounds and checksum of [`receive`].
+pub async fn receive_with(
+    body: &mut Body,
+    headers: &HeaderMap,
+    limit: usize,
+    idle: Duration,
+    mut sink: impl FnMut(&[u8]) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    check_declared(headers, limit)?;
+    let mut checksum = Checksum::new(headers);
+    let mut total = 0usize;
+    while let Some(chunk) = next_chunk(body, idle).await? {
+        total += chunk.len();
+        if total > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
         }
-        _ => Ok(()),
+        checksum.update(&chunk);
+        sink(&chunk)?;
     }
+    checksum.verify(headers)
 }
 
 /// Drops the rest of a refused body without delaying the answer: read (up

@@ -9,7 +9,7 @@
 //! (validation, conversion beside the served weights, the swap, what it is
 //! recorded as) belongs to [`crate::engine::refit::Refitter`].
 
-mod body;
+pub(crate) mod body;
 mod chain;
 mod from_disk;
 mod push;
