@@ -440,11 +440,35 @@ fn bad_adapter_pushes_are_refused_by_name_and_change_nothing() {
         ),
         ("head", lm_head, good_bytes.clone(), None, "lm_head"),
         ("dora", dora, good_bytes.clone(), None, "use_dora"),
-        ("shape", config_json(4), serialize(&wrong_shape), None, &good[3].0),
-        ("missing", config_json(4), serialize(&good[1..]), None, &good[0].0),
+        (
+            "shape",
+            config_json(4),
+            serialize(&wrong_shape),
+            None,
+            &good[3].0,
+        ),
+        (
+            "missing",
+            config_json(4),
+            serialize(&good[1..]),
+            None,
+            &good[0].0,
+        ),
         ("extra", config_json(4), serialize(&extra), None, "DoRA"),
-        ("nonfinite", config_json(4), serialize(&poisoned), None, &good[5].0),
-        ("corrupt", config_json(4), b"not safetensors".to_vec(), None, "safetensors"),
+        (
+            "nonfinite",
+            config_json(4),
+            serialize(&poisoned),
+            None,
+            &good[5].0,
+        ),
+        (
+            "corrupt",
+            config_json(4),
+            b"not safetensors".to_vec(),
+            None,
+            "safetensors",
+        ),
         (
             "short",
             config_json(4),
@@ -486,7 +510,10 @@ fn bad_adapter_pushes_are_refused_by_name_and_change_nothing() {
     // The same bytes, whole and with their real checksum, are taken.
     let sha: String = {
         use sha2::Digest;
-        sha2::Sha256::digest(&good_bytes).iter().map(|b| format!("{b:02x}")).collect()
+        sha2::Sha256::digest(&good_bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     };
     let resp = server
         .http

@@ -141,6 +141,23 @@ def main():
                   f"max diff {worst:.2e}, token_mult_prob_error {mult:.7f}")
         # Adapters change the output (else the check above proves little).
         assert tokens[("r8", 0)][2] != tokens[(None, 0)][2], "adapter r8 gives the base model's log-probs"
+        # The file PEFT saved, pushed over HTTP under a new name (the push
+        # path reads it as it arrives, not as the loader does), serves the
+        # loaded adapter's results bit for bit.
+        for name in ADAPTERS:
+            config = (dirs[name] / "adapter_config.json").read_text()
+            req = urllib.request.Request(
+                f"{srv.url}/v1/weights?adapter=pushed-{name}", method="POST",
+                data=(dirs[name] / "adapter_model.safetensors").read_bytes(),
+                headers={"x-adapter-config": config.replace("\n", " ")})
+            json.loads(urllib.request.urlopen(req).read())
+            for i, prompt in enumerate(PROMPTS[:2]):
+                body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 11 + i,
+                        "logprobs_mode": "raw", "ignore_eos": True, "model": f"pushed-{name}"}
+                c = post(srv.url + "/v1/completions", body)["choices"][0]
+                pushed = (prompt, c["generation_token_ids"], c["generation_log_probs"])
+                assert pushed == tokens[(name, i)], f"pushed {name} differs from the loaded adapter"
+            print(f"ok pushed {name}: PEFT's file pushed over HTTP = the loaded adapter, bit for bit")
     for name in ADAPTERS:
         merged_dir = work / f"merged-{name}"
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), dirs[name])

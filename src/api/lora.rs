@@ -230,7 +230,10 @@ pub async fn push_adapter(
         })
     });
     let checked = check_new_name(&state, &name).and_then(|()| {
-        state.lora.check_room(&name).map_err(|e| refused(&name, e))?;
+        state
+            .lora
+            .check_room(&name)
+            .map_err(|e| refused(&name, e))?;
         header_config(&headers).map_err(|e| refused(&name, e))
     });
     let header = match checked {

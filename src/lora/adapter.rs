@@ -177,7 +177,9 @@ impl LoraAdapter {
         if let Some(extra) = tensors.keys().min() {
             return Err(unexpected_tensor(extra));
         }
-        Ok(Self::assemble(name, version, config, model, &expected, values))
+        Ok(Self::assemble(
+            name, version, config, model, &expected, values,
+        ))
     }
 
     /// The adapter of `values`, one per factor of `expected` (as

@@ -78,7 +78,9 @@ impl Filling {
             return Err(unexpected_tensor(extra));
         }
         // Every entry is now an expected factor: the file order is `at`.
-        let order = (0..entries.len()).map(|pos| (at[pos], dtypes[pos])).collect();
+        let order = (0..entries.len())
+            .map(|pos| (at[pos], dtypes[pos]))
+            .collect();
         let values = expected
             .iter()
             .map(|e| vec![0f32; e.shape[0] * e.shape[1]])
@@ -193,8 +195,8 @@ impl AdapterStream {
                     buf.extend_from_slice(&chunk[..take]);
                     chunk = &chunk[take..];
                     if let Ok(prefix) = <[u8; PREFIX]>::try_from(buf.as_slice()) {
-                        let len = header_length(prefix)
-                            .map_err(|e| LoraError::Format(e.to_string()))?;
+                        let len =
+                            header_length(prefix).map_err(|e| LoraError::Format(e.to_string()))?;
                         self.phase = Phase::Header {
                             len,
                             json: Vec::new(),
@@ -308,7 +310,11 @@ mod tests {
         tensors
     }
 
-    fn stream_in(bytes: &[u8], frame: usize, model: &ModelConfig) -> Result<LoraAdapter, LoraError> {
+    fn stream_in(
+        bytes: &[u8],
+        frame: usize,
+        model: &ModelConfig,
+    ) -> Result<LoraAdapter, LoraError> {
         let resolve: ResolveConfig = Box::new(|_| Ok(config(2)));
         let mut stream = AdapterStream::new("t", "1", model.clone(), resolve);
         for chunk in bytes.chunks(frame) {
@@ -342,7 +348,12 @@ mod tests {
         let model = model();
         let bytes = file(&model, None);
         let short = stream_in(&bytes[..bytes.len() - 3], 100, &model).unwrap_err();
-        assert!(short.to_string().contains("ended before the data of tensor"), "{short}");
+        assert!(
+            short
+                .to_string()
+                .contains("ended before the data of tensor"),
+            "{short}"
+        );
         let mut long = bytes.clone();
         long.push(0);
         let long = stream_in(&long, 100, &model).unwrap_err();
@@ -358,6 +369,9 @@ mod tests {
         let t = Tensor::zeros((2, model.hidden_size), DType::F32, &Device::Cpu).unwrap();
         named.push((extra.clone(), t));
         let e = stream_in(&serialize(named), 1 << 20, &model).unwrap_err();
-        assert!(matches!(&e, LoraError::UnknownTensor(n) if *n == extra), "{e}");
+        assert!(
+            matches!(&e, LoraError::UnknownTensor(n) if *n == extra),
+            "{e}"
+        );
     }
 }
