@@ -430,7 +430,9 @@ fn bad_adapter_pushes_are_refused_by_name_and_change_nothing() {
     let mut long = good_bytes.clone();
     long.extend_from_slice(&[0; 8]);
     let wrong_sha = "0".repeat(64);
-    let cases: Vec<(&str, Value, Vec<u8>, Option<&str>, &str)> = vec![
+    // (case, config, body, x-weights-sha256, what the refusal names)
+    type BadPush<'a> = (&'a str, Value, Vec<u8>, Option<&'a str>, &'a str);
+    let cases: Vec<BadPush> = vec![
         (
             "rank",
             config_json(16),
