@@ -3,18 +3,23 @@
 //! `[out, in]` layout, used in place) held as f32 or bf16.
 //!
 //! **One fixed reduction per output.** Every output `out[i][j]` is computed
-//! the same way whatever `m` is, whichever register tile or thread it lands
-//! in, and on every instruction set (AVX-512, AVX2, portable):
+//! the same way whatever `m` is and whichever register tile or thread it
+//! lands in, by a reduction of `L` lanes fixed by the instruction set
+//! ([`lanes`]: 16 on AVX-512 and the portable path, 8 on AVX2):
 //!
-//! 1. sixteen lane sums, lane `l` a chain of fused multiply-adds over
-//!    `k = 16c + l` for `c = 0, 1, ...` in order, starting from `0.0`;
-//! 2. a fixed tree over the lanes: `l[i] + l[i+8]`, then `+4`, `+2`, `+1`;
-//! 3. the last `k % 16` products fused onto that sum in order.
+//! 1. `L` lane sums, lane `l` a chain of fused multiply-adds over
+//!    `k = Lc + l` for `c = 0, 1, ...` in order, starting from `0.0`;
+//! 2. a fixed tree over the lanes: `l[i] + l[i+8]` (16 lanes only), then
+//!    `+4`, `+2`, `+1`;
+//! 3. the last `k % L` products fused onto that sum in order.
 //!
 //! So row `i` of an `m`-row product is bit-identical to the one-row product
 //! of row `i` (what makes a request's results independent of the batch it
 //! ran in), and bf16 weights, widened exactly in registers, give exactly the
-//! f32 results of the same values stored as f32.
+//! f32 results of the same values stored as f32. Kernels of the same width
+//! agree bit for bit; AVX2's 8 lanes (one register per output, which lets a
+//! tile hold 4 x 3 outputs instead of 2 x 3) differ from 16 lanes only in
+//! rounding.
 //!
 //! Work splits into tasks of up to [`PANEL_ROWS`] activation rows by up to
 //! [`CHUNK_COLS`] weight rows (output columns), as many as fit L2 for the
@@ -122,9 +127,20 @@ fn tile_shape(isa: Simd) -> (usize, usize) {
     match isa {
         // 24 accumulators, 4 activation vectors and a weight vector of 32.
         Simd::Avx512 => (4, 6),
-        // 2 x 3 outputs of two 8-lane halves each: 12 of 16 registers.
-        Simd::Avx2 => (2, 3),
+        // 12 one-register accumulators, 3 weight vectors and an activation
+        // vector: all 16 registers, 7 loads per 12 multiply-adds.
+        Simd::Avx2 => (4, 3),
         Simd::Baseline => (1, 1),
+    }
+}
+
+/// Lanes of the reduction `isa`'s kernel computes (module docs; the tests'
+/// reference picks its width by it).
+#[cfg(test)]
+pub(crate) fn lanes(isa: Simd) -> usize {
+    match isa {
+        Simd::Avx2 => 8,
+        Simd::Avx512 | Simd::Baseline => 16,
     }
 }
 
@@ -244,21 +260,28 @@ unsafe fn run_tile(isa: Simd, tile_rows: usize, tile_cols: usize, t: &Tile, sums
         }
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => {
-            debug_assert_eq!((tile_rows, tile_cols), (2, 3));
+            debug_assert_eq!((tile_rows, tile_cols), (4, 3));
             x86::tile_avx2(t, sums)
         }
-        _ => portable::tile(t, sums),
+        _ => portable::tile::<16>(t, sums),
     }
 }
 
-/// Step 2 and 3 of the reduction (module docs) over plain lane sums: the
-/// definition the vector kernels reproduce.
+/// Step 2 and 3 of the reduction (module docs) over plain lane sums (16
+/// or 8): the definition the vector kernels reproduce.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-pub(crate) fn finish(lanes: &[f32; 16], tail: impl Iterator<Item = (f32, f32)>) -> f32 {
+pub(crate) fn finish<const L: usize>(
+    lanes: &[f32; L],
+    tail: impl Iterator<Item = (f32, f32)>,
+) -> f32 {
     let mut s8 = [0f32; 8];
     for i in 0..8 {
-        s8[i] = lanes[i] + lanes[i + 8];
+        s8[i] = if L == 16 {
+            lanes[i] + lanes[i + 8]
+        } else {
+            lanes[i]
+        };
     }
     let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
     let s2 = [s4[0] + s4[2], s4[1] + s4[3]];

@@ -79,8 +79,8 @@ fn a_row_is_bit_identical_whatever_else_is_in_the_product() {
     for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
         let x = values(7 + s as u64, m * k);
         let w = values(99 + s as u64, n * k);
-        let reference = run(Simd::Baseline, &x, m, k, Weights::F32(&w), n);
         for isa in kernels() {
+            let reference = reference(isa, &x, m, k, Weights::F32(&w), n);
             let all = run(isa, &x, m, k, Weights::F32(&w), n);
             assert_eq!(bits(&all), bits(&reference), "{isa:?} {m}x{k}x{n}");
             // Each row alone, and the rows from `i` on (other tile phases).
@@ -113,6 +113,33 @@ fn bf16_weights_give_the_f32_results_of_the_same_values() {
             assert_eq!(bits(&narrow), bits(&wide), "{isa:?} {m}x{k}x{n}");
         }
     }
+}
+
+/// The portable reduction of `isa`'s width, one output at a time.
+fn reference(isa: Simd, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let tile = Tile {
+                x: [x[i * k..].as_ptr(); MAX_TILE_ROWS],
+                rows: 1,
+                w: [w.row(j, k); MAX_TILE_COLS],
+                cols: 1,
+                k,
+                bf16: w.is_bf16(),
+            };
+            let mut sums: TileSums = [[f32::NAN; MAX_TILE_COLS]; MAX_TILE_ROWS];
+            // SAFETY: the pointers start rows of `k` values of their kind.
+            unsafe {
+                match lanes(isa) {
+                    8 => portable::tile::<8>(&tile, &mut sums),
+                    _ => portable::tile::<16>(&tile, &mut sums),
+                }
+            }
+            out.push(sums[0][0]);
+        }
+    }
+    out
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -1,6 +1,6 @@
 //! AVX-512 and AVX2 register tiles computing the reduction of [`super`]:
-//! each output's sixteen lanes live in one 16-lane register (AVX-512) or
-//! two 8-lane halves (AVX2), then fold in the same fixed tree.
+//! each output's lanes live in one register, sixteen (AVX-512) or eight
+//! (AVX2), then fold in the fixed tree.
 
 // Register tiles are indexed by row and column on purpose.
 #![allow(clippy::needless_range_loop)]
@@ -37,8 +37,8 @@ unsafe fn load8<const BF16: bool>(row: *const u8, at: usize) -> __m256 {
     }
 }
 
-/// Lanes `l[i] + l[i+4]`, `+2`, `+1` of eight lanes that are already
-/// `l[i] + l[i+8]` of sixteen (see [`super::finish`]).
+/// Lanes `l[i] + l[i+4]`, `+2`, `+1` of eight lanes: AVX2's eight, or
+/// sixteen already folded by `l[i] + l[i+8]` (see [`super::finish`]).
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn fold8(s8: __m256) -> f32 {
@@ -93,35 +93,33 @@ unsafe fn avx512<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSum
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSums) {
     const NR: usize = 3;
-    // acc[i][r][h]: lanes 8h..8h + 8 of output (i, r).
-    let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
-    let full = t.k / 16 * 16;
+    // acc[i][r]: the eight lanes of output (i, r).
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let full = t.k / 8 * 8;
     let esize = if BF16 { 2 } else { 4 };
     let mut c = 0;
     while c < full {
-        for h in 0..2 {
-            let mut xv = [_mm256_setzero_ps(); MR];
-            for i in 0..MR {
-                xv[i] = _mm256_loadu_ps(t.x[i].add(c + 8 * h));
+        let mut wv = [_mm256_setzero_ps(); NR];
+        for r in 0..NR {
+            // A cache line of f32 holds 16 values: prefetch every other step.
+            if c % 16 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    t.w[r].wrapping_add(c * esize + PREFETCH_AHEAD) as *const i8
+                );
             }
+            wv[r] = load8::<BF16>(t.w[r], c);
+        }
+        for i in 0..MR {
+            let xv = _mm256_loadu_ps(t.x[i].add(c));
             for r in 0..NR {
-                if h == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        t.w[r].wrapping_add(c * esize + PREFETCH_AHEAD) as *const i8
-                    );
-                }
-                let wv = load8::<BF16>(t.w[r], c + 8 * h);
-                for i in 0..MR {
-                    acc[i][r][h] = _mm256_fmadd_ps(wv, xv[i], acc[i][r][h]);
-                }
+                acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
             }
         }
-        c += 16;
+        c += 8;
     }
     for i in 0..MR {
         for r in 0..NR {
-            let s8 = _mm256_add_ps(acc[i][r][0], acc[i][r][1]);
-            sums[i][r] = tail(fold8(s8), t, i, r, full);
+            sums[i][r] = tail(fold8(acc[i][r]), t, i, r, full);
         }
     }
 }
@@ -145,15 +143,19 @@ pub(super) unsafe fn tile_avx512(t: &Tile, sums: &mut TileSums) {
     }
 }
 
-/// A 2 x 3 tile.
+/// A 4 x 3 tile (fewer activation rows at the end of a matrix).
 ///
 /// # Safety
 /// As for [`Tile`]; the CPU has AVX2 and FMA.
 pub(super) unsafe fn tile_avx2(t: &Tile, sums: &mut TileSums) {
     match (t.rows, t.bf16) {
         (1, false) => avx2::<1, false>(t, sums),
-        (_, false) => avx2::<2, false>(t, sums),
+        (2, false) => avx2::<2, false>(t, sums),
+        (3, false) => avx2::<3, false>(t, sums),
+        (_, false) => avx2::<4, false>(t, sums),
         (1, true) => avx2::<1, true>(t, sums),
-        (_, true) => avx2::<2, true>(t, sums),
+        (2, true) => avx2::<2, true>(t, sums),
+        (3, true) => avx2::<3, true>(t, sums),
+        (_, true) => avx2::<4, true>(t, sums),
     }
 }
