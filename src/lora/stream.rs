@@ -10,7 +10,7 @@ use super::adapter::{expected_factors, unexpected_tensor, ExpectedFactor};
 use super::{AdapterConfig, LoraAdapter, LoraError};
 use crate::config::ModelConfig;
 use crate::weights::convert::convert_slice;
-use crate::weights::header::{header_length, parse_header, HeaderEntry, PREFIX};
+use crate::weights::header::{parse_header, HeaderEntry, HeaderReader};
 use candle_core::DType;
 
 /// Decides the adapter's config once the header is in, from the config its
@@ -24,10 +24,8 @@ pub const CONFIG_METADATA: &str = "adapter_config";
 /// Every phase consumes at least one byte per step of [`AdapterStream::feed`]
 /// (or fails), so no input can make it spin.
 enum Phase {
-    /// Collecting the 8-byte header length.
-    Length(Vec<u8>),
-    /// Collecting the JSON header of `len` bytes.
-    Header { len: usize, json: Vec<u8> },
+    /// Collecting the length prefix and the JSON header.
+    Header(HeaderReader),
     /// Converting the factors' data, in file order.
     Data(Filling),
     /// A refusal was returned; nothing more is taken.
@@ -174,7 +172,7 @@ impl AdapterStream {
             version: version.to_string(),
             model,
             resolve: Some(resolve),
-            phase: Phase::Length(Vec::with_capacity(PREFIX)),
+            phase: Phase::Header(HeaderReader::default()),
         }
     }
 
@@ -190,28 +188,10 @@ impl AdapterStream {
     fn feed_inner(&mut self, mut chunk: &[u8]) -> Result<(), LoraError> {
         while !chunk.is_empty() {
             match &mut self.phase {
-                Phase::Length(buf) => {
-                    let take = (PREFIX - buf.len()).min(chunk.len());
-                    buf.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                    if let Ok(prefix) = <[u8; PREFIX]>::try_from(buf.as_slice()) {
-                        let len =
-                            header_length(prefix).map_err(|e| LoraError::Format(e.to_string()))?;
-                        self.phase = Phase::Header {
-                            len,
-                            json: Vec::new(),
-                        };
-                    }
-                }
-                Phase::Header { len, json } => {
-                    // Grown as bytes arrive: a large claimed length costs
-                    // nothing until the bytes are really sent.
-                    let take = (*len - json.len()).min(chunk.len());
-                    json.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                    if json.len() == *len {
-                        let entries =
-                            parse_header(json).map_err(|e| LoraError::Format(e.to_string()))?;
+                Phase::Header(reader) => {
+                    let format = |e: crate::weights::WeightsError| LoraError::Format(e.to_string());
+                    if let Some(json) = reader.take(&mut chunk).map_err(format)? {
+                        let entries = parse_header(json).map_err(format)?;
                         let from_file = metadata_config(json)?;
                         let resolve = self.resolve.take().ok_or_else(|| {
                             LoraError::Format("the header was already read".into())

@@ -49,6 +49,52 @@ pub fn header_length(prefix: [u8; PREFIX]) -> Result<usize, WeightsError> {
     Ok(n as usize)
 }
 
+/// Collects a safetensors body's length prefix and JSON header as the body
+/// arrives, frame by frame (pushes of the weights and of adapters).
+#[derive(Debug, Default)]
+pub struct HeaderReader {
+    prefix: Vec<u8>,
+    len: Option<usize>,
+    json: Vec<u8>,
+}
+
+impl HeaderReader {
+    /// Takes what of `chunk` belongs to the header, advancing it past
+    /// that; the JSON header once it is all in.
+    pub fn take(&mut self, chunk: &mut &[u8]) -> Result<Option<&[u8]>, WeightsError> {
+        let len = match self.len {
+            Some(len) => len,
+            None => {
+                let n = (PREFIX - self.prefix.len()).min(chunk.len());
+                self.prefix.extend_from_slice(&chunk[..n]);
+                *chunk = &chunk[n..];
+                let Ok(prefix) = <[u8; PREFIX]>::try_from(self.prefix.as_slice()) else {
+                    return Ok(None);
+                };
+                let len = header_length(prefix)?;
+                self.len = Some(len);
+                len
+            }
+        };
+        // Grown as bytes arrive: a large claimed length costs nothing until
+        // the bytes are really sent.
+        let n = (len - self.json.len()).min(chunk.len());
+        self.json.extend_from_slice(&chunk[..n]);
+        *chunk = &chunk[n..];
+        Ok((self.json.len() == len).then_some(self.json.as_slice()))
+    }
+
+    /// Whether the whole length prefix is in.
+    pub fn has_length(&self) -> bool {
+        self.len.is_some()
+    }
+
+    /// Bytes of the prefix and the header read so far.
+    pub fn header_bytes(&self) -> usize {
+        self.prefix.len() + self.json.len()
+    }
+}
+
 fn dtype_of(name: &str, tag: &str) -> Result<DType, WeightsError> {
     match tag {
         "F32" => Ok(DType::F32),

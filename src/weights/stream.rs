@@ -13,7 +13,7 @@
 
 use super::check::{check_header, is_tied_alias, UpdateMode};
 use super::convert::{convert_bytes, fill_part, fits_in_place};
-use super::header::{data_len, header_length, parse_header, HeaderEntry, PREFIX};
+use super::header::{data_len, parse_header, HeaderEntry, HeaderReader};
 use super::WeightsError;
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Tensor};
@@ -41,10 +41,8 @@ fn staging_pool() -> Option<&'static rayon::ThreadPool> {
 /// Every phase consumes at least one byte per step of [`StreamingUpdate::push`]
 /// (or moves on), so no input can make it spin.
 enum Phase {
-    /// Collecting the 8-byte header length.
-    Length(Vec<u8>),
-    /// Collecting the JSON header of `len` bytes (at least 2).
-    Header { len: usize, json: Vec<u8> },
+    /// Collecting the length prefix and the JSON header.
+    Header(HeaderReader),
     /// Collecting tensor `next`'s bytes into `buffer`, or converting them
     /// straight into its target (`direct`).
     Data {
@@ -223,7 +221,7 @@ impl StreamingUpdate {
             run,
             matrices: run,
             device: device.clone(),
-            phase: Phase::Length(Vec::with_capacity(PREFIX)),
+            phase: Phase::Header(HeaderReader::default()),
             entries: Vec::new(),
             pending: Vec::new(),
             header_bytes: 0,
@@ -248,27 +246,10 @@ impl StreamingUpdate {
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), WeightsError> {
         while !chunk.is_empty() {
             match &mut self.phase {
-                Phase::Length(buf) => {
-                    let take = (PREFIX - buf.len()).min(chunk.len());
-                    buf.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                    if let Ok(prefix) = <[u8; PREFIX]>::try_from(buf.as_slice()) {
-                        let len = header_length(prefix)?;
-                        self.phase = Phase::Header {
-                            len,
-                            json: Vec::new(),
-                        };
-                    }
-                }
-                Phase::Header { len, json } => {
-                    // Grown as bytes arrive: a large claimed length costs
-                    // nothing until the bytes are really sent.
-                    let take = (*len - json.len()).min(chunk.len());
-                    json.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                    if json.len() == *len {
-                        self.header_bytes = PREFIX + *len;
+                Phase::Header(reader) => {
+                    if let Some(json) = reader.take(&mut chunk)? {
                         let entries = parse_header(json)?;
+                        self.header_bytes = reader.header_bytes();
                         check_header(&self.cfg, &entries, self.mode)?;
                         self.entries = entries;
                         self.phase = Phase::Data {
@@ -373,8 +354,10 @@ impl StreamingUpdate {
         let ends = match &self.phase {
             Phase::Data { next, .. } if *next == self.entries.len() => None,
             Phase::Data { .. } => Some("before its last tensor"),
-            Phase::Length(_) => Some("inside its 8-byte header length"),
-            Phase::Header { .. } => Some("inside its JSON header"),
+            Phase::Header(reader) if !reader.has_length() => {
+                Some("inside its 8-byte header length")
+            }
+            Phase::Header(_) => Some("inside its JSON header"),
         };
         if let Some(place) = ends {
             return Err(WeightsError::Format(format!(
