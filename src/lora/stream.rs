@@ -324,6 +324,32 @@ mod tests {
     }
 
     #[test]
+    fn the_config_in_the_files_metadata_reaches_the_resolver() {
+        let model = model();
+        let text = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}"#;
+        let named = tensors(&model, None);
+        let views: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let meta = Some(std::collections::HashMap::from([(
+            CONFIG_METADATA.to_string(),
+            text.to_string(),
+        )]));
+        let with_meta = safetensors::serialize(views, meta).unwrap();
+        for (bytes, expect) in [(with_meta, Some(text)), (file(&model, None), None)] {
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let sink = seen.clone();
+            let resolve: ResolveConfig = Box::new(move |from_file| {
+                *sink.lock().unwrap() = Some(from_file.map(str::to_string));
+                Ok(config(2))
+            });
+            let mut stream = AdapterStream::new("t", "1", model.clone(), resolve);
+            stream.feed(&bytes).unwrap();
+            assert_eq!(stream.finish().unwrap().rank(), 2);
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, Some(expect.map(str::to_string)));
+        }
+    }
+
+    #[test]
     fn a_short_a_long_or_a_poisoned_body_is_refused_by_name() {
         let model = model();
         let bytes = file(&model, None);
