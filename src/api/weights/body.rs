@@ -94,6 +94,40 @@ impl Checksum {
     }
 }
 
+/// A body read frame by frame within `limit` bytes and `idle` between
+/// frames, hashed for the `x-weights-sha256` check as it passes.
+struct Bounded<'b> {
+    body: &'b mut Body,
+    limit: usize,
+    idle: Duration,
+    total: usize,
+    checksum: Checksum,
+}
+
+impl<'b> Bounded<'b> {
+    fn new(body: &'b mut Body, headers: &HeaderMap, limit: usize, idle: Duration) -> Self {
+        Self {
+            body,
+            limit,
+            idle,
+            total: 0,
+            checksum: Checksum::new(headers),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<axum::body::Bytes>, ApiError> {
+        let Some(chunk) = next_chunk(self.body, self.idle).await? else {
+            return Ok(None);
+        };
+        self.total += chunk.len();
+        if self.total > self.limit {
+            return Err(ApiError::PayloadTooLarge { limit: self.limit });
+        }
+        self.checksum.update(&chunk);
+        Ok(Some(chunk))
+    }
+}
+
 /// Streams the body into `update` (and, frame by frame, to the next replica
 /// of a chain), at most `limit` bytes, and checks it against the client's
 /// `x-weights-sha256`, if sent. Stops at the first
@@ -106,21 +140,15 @@ pub async fn receive(
     update: &mut Update,
     mut forward: Option<&mut Forward>,
 ) -> Result<(), ApiError> {
-    let mut checksum = Checksum::new(headers);
-    let mut total = 0usize;
-    while let Some(chunk) = next_chunk(body, idle).await? {
-        total += chunk.len();
-        if total > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        checksum.update(&chunk);
+    let mut body = Bounded::new(body, headers, limit, idle);
+    while let Some(chunk) = body.next().await? {
         // On first, so the next replica works while this one converts.
         if let Some(f) = forward.as_deref_mut() {
             f.send(chunk.clone()).await?;
         }
         update.feed(&chunk)?;
     }
-    checksum.verify(headers)
+    body.checksum.verify(headers)
 }
 
 /// Hands the body to `sink` frame by frame (an adapter push), with the
@@ -133,17 +161,11 @@ pub async fn receive_with(
     mut sink: impl FnMut(&[u8]) -> Result<(), ApiError>,
 ) -> Result<(), ApiError> {
     check_declared(headers, limit)?;
-    let mut checksum = Checksum::new(headers);
-    let mut total = 0usize;
-    while let Some(chunk) = next_chunk(body, idle).await? {
-        total += chunk.len();
-        if total > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        checksum.update(&chunk);
+    let mut body = Bounded::new(body, headers, limit, idle);
+    while let Some(chunk) = body.next().await? {
         sink(&chunk)?;
     }
-    checksum.verify(headers)
+    body.checksum.verify(headers)
 }
 
 /// Drops the rest of a refused body without delaying the answer: read (up
