@@ -510,13 +510,7 @@ fn bad_adapter_pushes_are_refused_by_name_and_change_nothing() {
     let (_, models_after) = server.get("/v1/models");
     assert_eq!(models_before, models_after);
     // The same bytes, whole and with their real checksum, are taken.
-    let sha: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&good_bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let sha = common::sha256_hex(&good_bytes);
     let resp = server
         .http
         .post(server.url("/v1/weights?adapter=a0&version=good"))

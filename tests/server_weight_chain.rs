@@ -8,6 +8,7 @@ mod common;
 
 use common::probe::fingerprint;
 use common::server::Server;
+use common::sha256_hex;
 use gym_serve::config::Architecture;
 use serde_json::Value;
 use std::path::Path;
@@ -21,14 +22,6 @@ fn model(seed: u64) -> TempDir {
 
 fn weights_file(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model.safetensors")).unwrap()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A replica with `--admin-api-key KEY`, its test client sending the key.

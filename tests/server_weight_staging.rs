@@ -222,11 +222,7 @@ fn a_corrupt_staged_body_stages_nothing() {
     let mut flipped = good.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0xff;
-    let checksum = {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(&good);
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let checksum = common::sha256_hex(&good);
     let (code, reply) = stage(&a, truncated, "version=bad");
     assert_eq!(code, 400, "{reply}");
     assert!(message(&reply).contains("safetensors"), "{reply}");

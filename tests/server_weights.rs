@@ -226,13 +226,7 @@ fn refused_updates_leave_the_weights_bit_for_bit() {
     same_output(&completion(&a), &baseline.1);
     assert_eq!(completion(&a)["weight_version"], "0");
     // And the right checksum is accepted.
-    let digest = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&good)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let digest = common::sha256_hex(&good);
     let resp = a
         .http
         .post(a.url("/v1/weights"))

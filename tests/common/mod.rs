@@ -64,3 +64,12 @@ pub fn spawn_engine(loaded: LoadedModel) -> gym_serve::engine::EngineHandle {
     let eos = loaded.chat.eos_token_ids().to_vec();
     gym_serve::engine::EngineHandle::spawn(loaded.model, eos, Default::default()).expect("engine")
 }
+
+/// Lowercase hex SHA-256 of `bytes`, as `x-weights-sha256` carries it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
