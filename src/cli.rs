@@ -110,6 +110,14 @@ pub struct ServeArgs {
           value_parser = crate::engine::kv_budget::parse_utilization,
           env = "GYM_SERVE_GPU_MEMORY_UTILIZATION")]
     pub gpu_memory_utilization: f64,
+    /// How each step's sampled logits reach the sampler: `auto` is
+    /// `summary` on a GPU (per sequence, the mass of each block of the
+    /// vocabulary and its best logits, then the one block the draw lands in:
+    /// ~1,000 values instead of the whole row) and `rows` on the CPU (read
+    /// in place). Top-k, top-p, min_tokens bans and over 32 top_logprobs
+    /// take whole rows either way.
+    #[arg(long, default_value = "auto", env = "GYM_SERVE_SAMPLING_TRANSFER")]
+    pub sampling_transfer: crate::engine::SamplingTransfer,
     /// Require `Authorization: Bearer KEY` on weight and control endpoints.
     #[arg(long, env = "GYM_SERVE_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,

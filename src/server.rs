@@ -82,6 +82,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             adapters: Some(lora.clone()),
             gpu_memory_utilization: Some(args.gpu_memory_utilization),
             weights_bytes: Some(loaded.store.size_in_bytes()),
+            sampling_transfer: args.sampling_transfer,
         },
     )?;
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {

@@ -9,6 +9,7 @@
 //! scheduler applies the samples.
 
 use super::block_pool::version_seed;
+use super::device_sampling::{self, SamplingTransfer};
 use super::logits::HostLogits;
 use super::params::SamplingParams;
 use super::pause::{PauseControl, SwapDecision};
@@ -42,6 +43,8 @@ pub struct EngineCore {
     /// The adapters being served: a queued sequence runs under the version
     /// current when it reaches the engine.
     adapters: Arc<LoraRegistry>,
+    /// Whether sampled rows come to the host as a summary (from a GPU).
+    summarize_logits: bool,
 }
 
 impl EngineCore {
@@ -64,6 +67,7 @@ impl EngineCore {
             stats: Arc::new(EngineStats::default()),
             swaps: 0,
             adapters: Arc::default(),
+            summarize_logits: false,
         })
         .inspect(|core| core.stats.set_weight_version(core.weight_version.clone()))
     }
@@ -71,6 +75,11 @@ impl EngineCore {
     /// The adapters requests resolve against (shared with the HTTP layer).
     pub fn set_adapters(&mut self, adapters: Arc<LoraRegistry>) {
         self.adapters = adapters;
+    }
+
+    /// How the step's sampled rows reach the sampler, on this model's device.
+    pub fn set_sampling_transfer(&mut self, transfer: SamplingTransfer) {
+        self.summarize_logits = transfer.summarizes(self.model.device());
     }
 
     /// The version of `adapter` being served now (the one given, if it was
@@ -296,10 +305,13 @@ impl EngineCore {
             .model
             .forward_with_adapters(&segments, &adapters, &self.pool)?;
         drop(adapters);
-        let host = HostLogits::new(&logits)?;
-        let rows: Vec<&[f32]> = host.rows()?.collect();
         let eos = &self.eos_token_ids;
         let sequences = self.scheduler.sampling_sequences(plan);
+        if self.summarize_logits {
+            return device_sampling::sample_groups(&logits, sequences, eos);
+        }
+        let host = HostLogits::new(&logits)?;
+        let rows: Vec<&[f32]> = host.rows()?.collect();
         Ok(sequences
             .into_par_iter()
             .zip(rows)

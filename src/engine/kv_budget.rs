@@ -67,7 +67,8 @@ impl GpuBudget {
 /// the widest layer (the MLP's gate and up projections and their product,
 /// the attention's q/k/v, the residual stream, with 2x slack for what the
 /// allocator holds), plus f32 logits for up to `max_rows` sampled rows
-/// (twice: the matmul output and its f32 copy).
+/// (five times: the matmul output, its f32 copy and the summary sampler's
+/// temporaries, `device_sampling`).
 pub fn activation_bytes(
     batched_tokens: usize,
     max_rows: usize,
@@ -77,7 +78,7 @@ pub fn activation_bytes(
     vocab: usize,
 ) -> usize {
     let per_token = 4 * (4 * hidden + 3 * intermediate + qkv_width);
-    2 * batched_tokens * per_token + 2 * max_rows.min(batched_tokens).max(1) * vocab * 4
+    2 * batched_tokens * per_token + 5 * max_rows.min(batched_tokens).max(1) * vocab * 4
 }
 
 /// The GPU pool's size for `model` when it runs on a GPU whose memory the

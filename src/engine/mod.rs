@@ -6,6 +6,7 @@
 
 mod block_pool;
 pub mod core;
+pub mod device_sampling;
 pub mod events;
 mod jobs;
 pub mod kv_budget;
@@ -24,6 +25,7 @@ use self::core::{EngineCore, GenerationJob, PendingSwap, SchedulerConfig, ScoreJ
 pub use self::core::{PauseMode, ScoreOutput, SwapReport};
 use crate::lora::{LoraAdapter, LoraRegistry};
 use crate::model::Model;
+pub use device_sampling::SamplingTransfer;
 pub use events::{EngineEvent, EventReceiver, FinishReason, TokenEvent};
 pub use params::{DistributionParams, LogprobsMode, ParamError, SamplingParams, MAX_N};
 pub use stats::EngineStats;
@@ -135,6 +137,8 @@ pub struct EngineOptions {
     pub gpu_memory_utilization: Option<f64>,
     /// Bytes of the loaded weights (a full push stages a second copy).
     pub weights_bytes: Option<usize>,
+    /// How sampled rows reach the sampler (default: a summary from a GPU).
+    pub sampling_transfer: SamplingTransfer,
 }
 
 /// Share of system memory the KV pool takes by default.
@@ -213,6 +217,7 @@ impl EngineHandle {
         if let Some(adapters) = options.adapters {
             core.set_adapters(adapters);
         }
+        core.set_sampling_transfer(options.sampling_transfer);
         let stats = core.stats().clone();
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()

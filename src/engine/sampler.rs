@@ -103,7 +103,7 @@ enum Kept {
 const TOP_P_PREFIX: usize = 1024;
 
 /// Whether a scaled logit survives min-p (`floor`, or -inf) and any ban.
-fn survives(v: f32, floor: f32) -> bool {
+pub(super) fn survives(v: f32, floor: f32) -> bool {
     v > f32::NEG_INFINITY && v >= floor
 }
 

@@ -1,0 +1,692 @@
+//! Sampling from logits that stay on the device (a GPU): a few hundred
+//! values per draw come to the host instead of the whole vocabulary row.
+//!
+//! A step's f32 logits are 600 KB a row at a 150k vocabulary (154 MB for 256
+//! sequences), and the host sampler then walks each row. Here the device
+//! reduces each draw's row to its maximum, the probability mass of each
+//! block of `B` tokens and its best raw logits; the host draws `u` from the
+//! sequence's own RNG exactly as [`sampler::sample`] does, finds the block
+//! where the running mass passes `u`, and a second transfer brings that
+//! block's raw logits, where the walk ends token by token. With `B` near
+//! the square root of the vocabulary both transfers are ~500 values a draw.
+//!
+//! The distribution, the RNG draws and the walk are the host sampler's; only
+//! the sums are the device's (in f32), so log-probs agree with the host path
+//! to f32 rounding and a draw whose `u` lies within rounding of a token
+//! boundary may take the neighbour. Draws this does not cover (top-k, top-p,
+//! banned tokens, over [`MAX_SUMMARY_TOP`] alternatives) get whole rows.
+
+use super::params::{LogprobsMode, SamplingParams};
+use super::sampler::{self, survives, SampledToken};
+use super::scheduler::{SampledGroup, TentativeSample};
+use super::sequence::Sequence;
+use crate::math;
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+/// How a step's sampled rows reach the sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SamplingTransfer {
+    /// `summary` on a GPU, `rows` on the CPU.
+    #[default]
+    Auto,
+    /// Whole rows (read in place on the CPU, copied from a GPU).
+    Rows,
+    /// Per-draw block masses and one block (this module).
+    Summary,
+}
+
+impl SamplingTransfer {
+    /// Whether logits on `device` go through the summary.
+    pub fn summarizes(self, device: &Device) -> bool {
+        match self {
+            Self::Auto => !device.is_cpu(),
+            Self::Rows => false,
+            Self::Summary => true,
+        }
+    }
+}
+
+/// Most alternatives a summarized draw reports; each costs the device one
+/// argmax pass over the row, so more take the whole row.
+pub const MAX_SUMMARY_TOP: usize = 32;
+
+/// One token to draw from row `row` of a step's logits.
+pub struct Draw {
+    pub row: usize,
+    pub params: Arc<SamplingParams>,
+    pub banned: Vec<u32>,
+    /// Advanced by the draw.
+    pub rng: ChaCha8Rng,
+}
+
+impl Draw {
+    /// Whether the summary gives this draw exactly what the host sampler
+    /// would: no ban, and a distribution the block walk can sample
+    /// (greedy, or temperature with min-p only).
+    fn summarizable(&self) -> bool {
+        let p = &self.params;
+        let d = &p.distribution;
+        self.banned.is_empty()
+            && p.top_logprobs <= MAX_SUMMARY_TOP
+            && (d.is_greedy() || (d.top_k.is_none() && d.top_p >= 1.0))
+    }
+}
+
+/// Samples every sequence's next token and its parked siblings' first ones
+/// from `logits` (`[rows, vocab]`, one row per sequence), as
+/// `core::sample_group` does from host rows.
+pub fn sample_groups(
+    logits: &Tensor,
+    sequences: Vec<&mut Sequence>,
+    eos: &[u32],
+) -> Result<Vec<SampledGroup>> {
+    let mut draws = Vec::new();
+    for (row, seq) in sequences.iter().enumerate() {
+        for sib in &seq.siblings {
+            draws.push(Draw {
+                row,
+                params: sib.params.clone(),
+                banned: sib.banned_tokens(eos),
+                rng: sib.rng.clone(),
+            });
+        }
+        draws.push(Draw {
+            row,
+            params: seq.params.clone(),
+            banned: seq.banned_tokens(eos),
+            rng: seq.rng.clone(),
+        });
+    }
+    let tokens = sample_draws(logits, &mut draws)?;
+    let mut drawn = draws.into_iter().zip(tokens);
+    let mut groups = Vec::with_capacity(sequences.len());
+    for seq in sequences {
+        let siblings = (0..seq.siblings.len())
+            .filter_map(|_| drawn.next())
+            .map(|(draw, token)| TentativeSample {
+                token,
+                rng: draw.rng,
+            })
+            .collect();
+        let Some((draw, leader)) = drawn.next() else {
+            candle_core::bail!("a sequence without its draw");
+        };
+        seq.rng = draw.rng;
+        groups.push(SampledGroup { leader, siblings });
+    }
+    Ok(groups)
+}
+
+/// One token per draw, in order.
+pub fn sample_draws(logits: &Tensor, draws: &mut [Draw]) -> Result<Vec<SampledToken>> {
+    let (rows, _) = logits.dims2()?;
+    if let Some(d) = draws.iter().find(|d| d.row >= rows) {
+        candle_core::bail!("draw from row {} of {rows}", d.row);
+    }
+    let (summarized, whole): (Vec<usize>, Vec<usize>) =
+        (0..draws.len()).partition(|&i| draws[i].summarizable());
+    let mut out: Vec<Option<SampledToken>> = vec![None; draws.len()];
+    if !whole.is_empty() {
+        let mut row_ids: Vec<u32> = whole.iter().map(|&i| draws[i].row as u32).collect();
+        row_ids.sort_unstable();
+        row_ids.dedup();
+        let host = select_rows(logits, &row_ids)?.to_vec2::<f32>()?;
+        for &i in &whole {
+            let d = &mut draws[i];
+            let Ok(at) = row_ids.binary_search(&(d.row as u32)) else {
+                candle_core::bail!("row {} was not copied", d.row);
+            };
+            out[i] = Some(sampler::sample(
+                &host[at],
+                &d.params.distribution,
+                d.params.logprobs_mode,
+                &d.banned,
+                d.params.top_logprobs,
+                &mut d.rng,
+            ));
+        }
+    }
+    if !summarized.is_empty() {
+        let mut subset: Vec<&mut Draw> = draws.iter_mut().filter(|d| d.summarizable()).collect();
+        for (i, token) in summarized
+            .iter()
+            .zip(sample_summarized(logits, &mut subset)?)
+        {
+            out[*i] = Some(token);
+        }
+    }
+    out.into_iter()
+        .map(|t| t.ok_or_else(|| candle_core::Error::Msg("a draw was not sampled".into())))
+        .collect()
+}
+
+/// Rows `ids` of `logits`, without a copy when they are all of them in order.
+fn select_rows(logits: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let (rows, _) = logits.dims2()?;
+    if ids.len() == rows && ids.iter().enumerate().all(|(i, &r)| r as usize == i) {
+        return Ok(logits.clone());
+    }
+    logits.index_select(&Tensor::new(ids, logits.device())?, 0)
+}
+
+/// Tokens per block of the summary: the power of two nearest above the
+/// square root of `vocab`, so the masses and the block are ~equal in size.
+pub fn block_len(vocab: usize) -> usize {
+    let mut b = 1;
+    while b * b < vocab {
+        b *= 2;
+    }
+    b
+}
+
+/// What came to the host of one draw's row.
+struct Summary<'a> {
+    /// The largest logit divided by the temperature.
+    max_scaled: f32,
+    /// `sum(exp(scaled - max_scaled))` over each block's survivors.
+    masses: &'a [f32],
+    /// Log-normalizer of the raw logits (when some draw reports raw).
+    raw_log_z: f32,
+    /// The best raw logits, best first, and their tokens.
+    top: Vec<(u32, f32)>,
+}
+
+fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<SampledToken>> {
+    let device = logits.device();
+    let (_, vocab) = logits.dims2()?;
+    let n = draws.len();
+    let block = block_len(vocab);
+    let blocks = vocab.div_ceil(block);
+    let row_ids: Vec<u32> = draws.iter().map(|d| d.row as u32).collect();
+    let x = select_rows(logits, &row_ids)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+
+    // Greedy draws read only raw values: scale them by 1.
+    let temperature = |d: &Draw| {
+        let p = &d.params.distribution;
+        if p.is_greedy() {
+            1.0
+        } else {
+            p.temperature
+        }
+    };
+    let temps: Vec<f32> = draws.iter().map(|d| temperature(d)).collect();
+    let ln_min_p: Vec<f32> = draws
+        .iter()
+        .map(|d| min_p_of(d).map_or(f32::NEG_INFINITY, f32::ln))
+        .collect();
+    // Scoped so each full-size temporary is freed as soon as it is used:
+    // the KV budget reserves room for a few copies of the logits only.
+    let (max, masses) = {
+        let scaled = x.broadcast_div(&Tensor::from_vec(temps, (n, 1), device)?)?;
+        let max = scaled.max_keepdim(1)?;
+        let mut weights = scaled.broadcast_sub(&max)?.exp()?;
+        if ln_min_p.iter().any(|&l| l > f32::NEG_INFINITY) {
+            let floor = max.broadcast_add(&Tensor::from_vec(ln_min_p, (n, 1), device)?)?;
+            let kept = scaled.broadcast_ge(&floor)?;
+            weights = kept.where_cond(&weights, &weights.zeros_like()?)?;
+        }
+        drop(scaled);
+        let masses = weights
+            .pad_with_zeros(1, 0, blocks * block - vocab)?
+            .reshape((n, blocks, block))?
+            .sum(2)?;
+        (max, masses)
+    };
+    let mut columns = vec![max, masses];
+    let wants_raw = draws
+        .iter()
+        .any(|d| d.params.distribution.is_greedy() || d.params.logprobs_mode == LogprobsMode::Raw);
+    if wants_raw {
+        let raw_max = x.max_keepdim(1)?;
+        let raw_sum = x.broadcast_sub(&raw_max)?.exp()?.sum_keepdim(1)?;
+        columns.extend([raw_max, raw_sum]);
+    }
+    let top_n = draws
+        .iter()
+        .map(|d| {
+            let greedy = usize::from(d.params.distribution.is_greedy());
+            d.params.top_logprobs.max(greedy)
+        })
+        .max()
+        .unwrap_or(0);
+    let top_ids = if top_n > 0 {
+        let ids = top_indices(&x, top_n)?;
+        columns.push(x.gather(&ids, 1)?);
+        ids.to_vec2::<u32>()?
+    } else {
+        vec![Vec::new(); n]
+    };
+    let host = Tensor::cat(&columns, 1)?.to_vec2::<f32>()?;
+
+    let summaries: Vec<Summary<'_>> = host
+        .iter()
+        .zip(&top_ids)
+        .map(|(values, ids)| {
+            let (raw_log_z, top_values) = if wants_raw {
+                let (raw_max, raw_sum) = (values[1 + blocks], values[2 + blocks]);
+                (raw_max + raw_sum.ln(), &values[3 + blocks..])
+            } else {
+                (f32::NAN, &values[1 + blocks..])
+            };
+            Summary {
+                max_scaled: values[0],
+                masses: &values[1..1 + blocks],
+                raw_log_z,
+                top: ids
+                    .iter()
+                    .copied()
+                    .zip(top_values.iter().copied())
+                    .collect(),
+            }
+        })
+        .collect();
+
+    // The host's half of the walk: which block each sampling draw lands in.
+    let mut walks: Vec<Option<Walk>> = Vec::with_capacity(n);
+    for (d, s) in draws.iter_mut().zip(&summaries) {
+        walks.push(if d.params.distribution.is_greedy() {
+            None
+        } else {
+            Some(Walk::start(s, d.rng.random::<f64>()))
+        });
+    }
+    let wanted: Vec<u32> = walks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.as_ref().map(|w| (i * blocks + w.block) as u32))
+        .collect();
+    let block_values = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        let pad = Tensor::full(f32::NEG_INFINITY, (n, blocks * block - vocab), device)?;
+        Tensor::cat(&[&x, &pad], 1)?
+            .reshape((n * blocks, block))?
+            .index_select(&Tensor::new(wanted.as_slice(), device)?, 0)?
+            .to_vec2::<f32>()?
+    };
+
+    let mut block_values = block_values.iter();
+    let mut out = Vec::with_capacity(n);
+    for ((d, s), walk) in draws.iter().zip(&summaries).zip(walks) {
+        let p = &d.params;
+        let raw_top = |k: usize| -> Vec<(u32, f32)> {
+            s.top
+                .iter()
+                .take(k)
+                .map(|&(i, v)| (i, v - s.raw_log_z))
+                .collect()
+        };
+        let Some(walk) = walk else {
+            // Greedy: the best raw logit (the first, on ties), raw log-probs.
+            let (token, value) = s.top.first().copied().unwrap_or((0, f32::NAN));
+            out.push(SampledToken {
+                token,
+                logprob: value - s.raw_log_z,
+                top_logprobs: raw_top(p.top_logprobs),
+            });
+            continue;
+        };
+        let Some(values) = block_values.next() else {
+            candle_core::bail!("a sampled block did not come back");
+        };
+        let t = p.distribution.temperature;
+        let floor = min_p_of(d).map_or(f32::NEG_INFINITY, |m| s.max_scaled + m.ln());
+        let scale = |raw: f32| if t == 1.0 { raw } else { raw / t };
+        let (token, raw) = walk.finish(values, block, vocab, |raw| {
+            let v = scale(raw);
+            survives(v, floor).then(|| math::exp(v - walk.log_z) as f64)
+        });
+        out.push(match p.logprobs_mode {
+            LogprobsMode::Processed => SampledToken {
+                token,
+                logprob: scale(raw) - walk.log_z,
+                top_logprobs: s
+                    .top
+                    .iter()
+                    .map(|&(i, raw)| (i, scale(raw)))
+                    .filter(|&(_, v)| survives(v, floor))
+                    .take(p.top_logprobs)
+                    .map(|(i, v)| (i, v - walk.log_z))
+                    .collect(),
+            },
+            LogprobsMode::Raw => SampledToken {
+                token,
+                logprob: raw - s.raw_log_z,
+                top_logprobs: raw_top(p.top_logprobs),
+            },
+        });
+    }
+    Ok(out)
+}
+
+fn min_p_of(d: &Draw) -> Option<f32> {
+    let m = d.params.distribution.min_p;
+    (m > 0.0).then_some(m)
+}
+
+/// The `k` largest values of each row of `x` (`[rows, vocab]`), best first,
+/// lowest index on ties: `k` argmax passes, each masking its pick.
+fn top_indices(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    let work = x.copy()?;
+    let masked = Tensor::full(f32::NEG_INFINITY, (rows, 1), x.device())?;
+    let mut picks = Vec::with_capacity(k);
+    for _ in 0..k {
+        let ids = work.argmax_keepdim(1)?;
+        work.scatter_set(&ids, &masked, 1)?;
+        picks.push(ids);
+    }
+    Tensor::cat(&picks, 1)?.to_dtype(DType::U32)
+}
+
+/// A sampling draw's walk over its row: through whole blocks on the
+/// device's masses, then token by token inside the block it lands in.
+struct Walk {
+    u: f64,
+    /// Mass of the blocks before `block`.
+    before: f64,
+    block: usize,
+    log_z: f32,
+}
+
+impl Walk {
+    fn start(s: &Summary<'_>, u: f64) -> Self {
+        let total: f64 = s.masses.iter().map(|&m| m as f64).sum();
+        let log_z = s.max_scaled + total.ln() as f32;
+        let mut before = 0.0;
+        let mut last_with_mass = 0;
+        for (b, &m) in s.masses.iter().enumerate() {
+            let mass = m as f64 / total;
+            if mass > 0.0 {
+                last_with_mass = b;
+            }
+            if u < before + mass {
+                return Self {
+                    u,
+                    before,
+                    block: b,
+                    log_z,
+                };
+            }
+            before += mass;
+        }
+        // Rounding left the total a hair under `u`: the last block with
+        // mass absorbs it, as the host sampler's last kept token does.
+        Self {
+            u: f64::INFINITY,
+            before: 0.0,
+            block: last_with_mass,
+            log_z,
+        }
+    }
+
+    /// The token and its raw logit: the first in the block where the mass
+    /// passes `u`, else (rounding) the block's last survivor. `weight` is a
+    /// raw logit's probability if it survives the filters.
+    fn finish(
+        &self,
+        values: &[f32],
+        block: usize,
+        vocab: usize,
+        weight: impl Fn(f32) -> Option<f64>,
+    ) -> (u32, f32) {
+        let first = self.block * block;
+        let mut acc = self.before;
+        let mut last = None;
+        for (j, &raw) in values.iter().enumerate().take(vocab.saturating_sub(first)) {
+            if let Some(w) = weight(raw) {
+                acc += w;
+                last = Some((j, raw));
+                if self.u < acc {
+                    break;
+                }
+            }
+        }
+        // No survivor at all only for all-NaN logits: the block's first
+        // token then, not a panic (the host sampler gives token 0).
+        let (j, raw) = last.unwrap_or((0, values.first().copied().unwrap_or(f32::NAN)));
+        ((first + j) as u32, raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::params::DistributionParams;
+    use rand::SeedableRng;
+
+    /// Rows shaped like a language model's: a few strong tokens, a long
+    /// tail, and a -inf entry.
+    fn logits(rows: usize, vocab: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..rows)
+            .map(|_| {
+                let mut row: Vec<f32> = (0..vocab)
+                    .map(|_| {
+                        let u: f32 = rng.random();
+                        -8.0 * u * u + rng.random::<f32>()
+                    })
+                    .collect();
+                for _ in 0..5 {
+                    let i = rng.random_range(0..vocab);
+                    row[i] = 4.0 + 4.0 * rng.random::<f32>();
+                }
+                row[rng.random_range(0..vocab)] = f32::NEG_INFINITY;
+                row
+            })
+            .collect()
+    }
+
+    fn params(
+        temperature: f32,
+        min_p: f32,
+        mode: LogprobsMode,
+        top_logprobs: usize,
+    ) -> Arc<SamplingParams> {
+        Arc::new(SamplingParams {
+            distribution: DistributionParams {
+                temperature,
+                min_p,
+                ..Default::default()
+            },
+            logprobs_mode: mode,
+            top_logprobs,
+            ..Default::default()
+        })
+    }
+
+    fn assert_close(a: f32, b: f32, what: &str) {
+        assert!(
+            a == b || (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
+            "{what}: {a} vs {b}"
+        );
+    }
+
+    /// Every kind of draw the summary covers gives the host sampler's token,
+    /// RNG state, log-prob and alternatives (to f32 rounding of the sums).
+    #[test]
+    fn summarized_draws_match_the_host_sampler() {
+        let vocab = 3001; // not a multiple of the block length
+        let rows = logits(6, vocab, 11);
+        let device = Device::Cpu;
+        let flat: Vec<f32> = rows.concat();
+        let tensor = Tensor::from_vec(flat, (rows.len(), vocab), &device).unwrap();
+        let kinds = [
+            params(1.0, 0.0, LogprobsMode::Processed, 0),
+            params(0.7, 0.0, LogprobsMode::Processed, 5),
+            params(1.3, 0.05, LogprobsMode::Processed, 3),
+            params(0.8, 0.2, LogprobsMode::Raw, 4),
+            params(0.0, 0.0, LogprobsMode::Processed, 2),
+            params(0.0, 0.0, LogprobsMode::Raw, 0),
+        ];
+        let mut compared = 0;
+        for (k, p) in kinds.iter().enumerate() {
+            for seed in 0..40u64 {
+                let mut draws: Vec<Draw> = (0..rows.len())
+                    .map(|row| Draw {
+                        row,
+                        params: p.clone(),
+                        banned: Vec::new(),
+                        rng: ChaCha8Rng::seed_from_u64(seed * 100 + row as u64),
+                    })
+                    .collect();
+                assert!(draws.iter().all(Draw::summarizable));
+                let got = sample_draws(&tensor, &mut draws).unwrap();
+                for (row, (draw, got)) in draws.iter().zip(&got).enumerate() {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed * 100 + row as u64);
+                    let want = sampler::sample(
+                        &rows[row],
+                        &p.distribution,
+                        p.logprobs_mode,
+                        &[],
+                        p.top_logprobs,
+                        &mut rng,
+                    );
+                    let what = format!("kind {k}, seed {seed}, row {row}");
+                    assert_eq!(got.token, want.token, "{what}");
+                    assert_eq!(draw.rng, rng, "{what}: the RNG moved as on the host");
+                    assert_close(got.logprob, want.logprob, &what);
+                    let ids = |t: &[(u32, f32)]| t.iter().map(|x| x.0).collect::<Vec<_>>();
+                    assert_eq!(ids(&got.top_logprobs), ids(&want.top_logprobs), "{what}");
+                    for (g, w) in got.top_logprobs.iter().zip(&want.top_logprobs) {
+                        assert_close(g.1, w.1, &what);
+                    }
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, kinds.len() * 40 * rows.len());
+    }
+
+    /// Draws the summary does not cover take whole rows, and a mixed batch
+    /// still answers every draw in order, each from its own row.
+    #[test]
+    fn uncovered_draws_take_whole_rows_in_a_mixed_batch() {
+        let vocab = 700;
+        let rows = logits(3, vocab, 5);
+        let tensor = Tensor::from_vec(rows.concat(), (3, vocab), &Device::Cpu).unwrap();
+        let top_k = Arc::new(SamplingParams {
+            distribution: DistributionParams {
+                top_k: Some(5),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let top_p = Arc::new(SamplingParams {
+            distribution: DistributionParams {
+                top_p: 0.9,
+                temperature: 0.6,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let many_top = params(1.0, 0.0, LogprobsMode::Processed, MAX_SUMMARY_TOP + 1);
+        let plain = params(1.0, 0.0, LogprobsMode::Processed, 0);
+        let banned = rows[1]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        let cases: Vec<(usize, Arc<SamplingParams>, Vec<u32>)> = vec![
+            (2, top_k, vec![]),
+            (0, plain.clone(), vec![]),
+            (
+                1,
+                params(0.0, 0.0, LogprobsMode::Processed, 0),
+                vec![banned],
+            ),
+            (0, top_p, vec![]),
+            (2, many_top, vec![]),
+            (1, plain, vec![]),
+        ];
+        let mut draws: Vec<Draw> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (row, p, banned))| Draw {
+                row: *row,
+                params: p.clone(),
+                banned: banned.clone(),
+                rng: ChaCha8Rng::seed_from_u64(i as u64),
+            })
+            .collect();
+        let covered: Vec<bool> = draws.iter().map(Draw::summarizable).collect();
+        assert_eq!(covered, [false, true, false, false, false, true]);
+        let got = sample_draws(&tensor, &mut draws).unwrap();
+        for (i, ((row, p, banned), got)) in cases.iter().zip(&got).enumerate() {
+            let mut rng = ChaCha8Rng::seed_from_u64(i as u64);
+            let want = sampler::sample(
+                &rows[*row],
+                &p.distribution,
+                p.logprobs_mode,
+                banned,
+                p.top_logprobs,
+                &mut rng,
+            );
+            assert_eq!(got.token, want.token, "draw {i}");
+            assert_close(got.logprob, want.logprob, &format!("draw {i}"));
+            assert_eq!(got.top_logprobs.len(), want.top_logprobs.len());
+        }
+        // The banned greedy draw did not take the row's best token.
+        assert_ne!(got[2].token, banned);
+        // A draw from a row that does not exist is an error, not a panic.
+        let mut bad = vec![Draw {
+            row: 3,
+            params: params(1.0, 0.0, LogprobsMode::Processed, 0),
+            banned: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(0),
+        }];
+        assert!(sample_draws(&tensor, &mut bad).is_err());
+    }
+
+    #[test]
+    fn degenerate_rows_give_a_token_not_a_panic() {
+        let vocab = 10;
+        let rows = [
+            vec![f32::NEG_INFINITY; vocab],
+            vec![f32::NAN; vocab],
+            vec![0.0; vocab],
+        ];
+        let tensor = Tensor::from_vec(rows.concat(), (3, vocab), &Device::Cpu).unwrap();
+        for p in [
+            params(1.0, 0.0, LogprobsMode::Processed, 2),
+            params(0.0, 0.0, LogprobsMode::Raw, 2),
+            params(0.5, 0.5, LogprobsMode::Raw, 0),
+        ] {
+            let mut draws: Vec<Draw> = (0..3)
+                .map(|row| Draw {
+                    row,
+                    params: p.clone(),
+                    banned: Vec::new(),
+                    rng: ChaCha8Rng::seed_from_u64(1),
+                })
+                .collect();
+            let got = sample_draws(&tensor, &mut draws).unwrap();
+            assert!(got.iter().all(|t| (t.token as usize) < vocab));
+        }
+        // Equal logits: greedy takes the first, as the host sampler does.
+        let mut draws = vec![Draw {
+            row: 2,
+            params: params(0.0, 0.0, LogprobsMode::Raw, 0),
+            banned: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(1),
+        }];
+        let got = sample_draws(&tensor, &mut draws).unwrap();
+        assert_eq!(got[0].token, 0);
+        assert_close(got[0].logprob, -(vocab as f32).ln(), "uniform");
+    }
+
+    #[test]
+    fn block_length_is_near_the_square_root() {
+        assert_eq!(block_len(1), 1);
+        assert_eq!(block_len(4), 2);
+        assert_eq!(block_len(5), 4);
+        assert_eq!(block_len(151_936), 512);
+        assert_eq!(block_len(49_152), 256);
+    }
+}
