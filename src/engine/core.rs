@@ -331,6 +331,8 @@ impl EngineCore {
                 .as_ref()
                 .map_or(self.weight_version.clone(), |a| a.version.clone()),
         };
+        let on_device = self.summarize_logits
+            && device_sampling::scores_on_device(&job.distribution, job.mode, job.top_logprobs);
         self.model.logits_in_chunks(
             tokens,
             job.start - 1,
@@ -339,8 +341,26 @@ impl EngineCore {
             SCORE_CHUNK_ROWS,
             adapter.as_deref(),
             |first, logits| {
+                let (rows, _) = logits.dims2()?;
+                let Some(given) = tokens.get(first + 1..first + 1 + rows) else {
+                    candle_core::bail!("{rows} rows of logits from position {first}");
+                };
+                if on_device {
+                    let scored = device_sampling::score_rows(
+                        &logits,
+                        &job.distribution,
+                        job.mode,
+                        given,
+                        job.top_logprobs,
+                    )?;
+                    for (lp, top) in scored {
+                        out.token_logprobs.push(lp);
+                        out.top_logprobs.push(top);
+                    }
+                    return Ok(());
+                }
                 let rows = logits.to_vec2::<f32>()?;
-                for (row, &t) in rows.iter().zip(&tokens[first + 1..]) {
+                for (row, &t) in rows.iter().zip(given) {
                     let (lp, top) =
                         sampler::score(row, &job.distribution, job.mode, t, job.top_logprobs);
                     out.token_logprobs.push(lp);

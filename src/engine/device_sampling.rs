@@ -16,8 +16,8 @@
 //! boundary may take the neighbour. Draws this does not cover (top-k, top-p,
 //! banned tokens, over [`MAX_SUMMARY_TOP`] alternatives) get whole rows.
 
-use super::params::{LogprobsMode, SamplingParams};
-use super::sampler::{self, survives, SampledToken};
+use super::params::{DistributionParams, LogprobsMode, SamplingParams};
+use super::sampler::{self, survives, SampledToken, Scored};
 use super::scheduler::{SampledGroup, TentativeSample};
 use super::sequence::Sequence;
 use crate::math;
@@ -182,42 +182,79 @@ pub fn block_len(vocab: usize) -> usize {
     b
 }
 
-/// What came to the host of one draw's row.
-struct Summary<'a> {
+/// How one row is summarized.
+struct RowSpec {
+    /// What the logits are divided by (1 for rows read raw only).
+    temperature: f32,
+    min_p: Option<f32>,
+    /// Whether the raw log-normalizer is wanted too.
+    raw: bool,
+    /// Best raw logits wanted.
+    top: usize,
+}
+
+impl RowSpec {
+    fn of(p: &SamplingParams) -> Self {
+        let d = &p.distribution;
+        let greedy = d.is_greedy();
+        Self {
+            // Greedy reads raw values only.
+            temperature: if greedy { 1.0 } else { d.temperature },
+            min_p: (d.min_p > 0.0 && !greedy).then_some(d.min_p),
+            raw: greedy || p.logprobs_mode == LogprobsMode::Raw,
+            top: p.top_logprobs.max(usize::from(greedy)),
+        }
+    }
+
+    /// min-p's cut on scaled logits, given the largest (-inf without it).
+    fn floor(&self, max_scaled: f32) -> f32 {
+        self.min_p
+            .map_or(f32::NEG_INFINITY, |m| max_scaled + m.ln())
+    }
+
+    fn scale(&self, raw: f32) -> f32 {
+        if self.temperature == 1.0 {
+            raw
+        } else {
+            raw / self.temperature
+        }
+    }
+}
+
+/// What came to the host of one row.
+struct Summary {
     /// The largest logit divided by the temperature.
     max_scaled: f32,
     /// `sum(exp(scaled - max_scaled))` over each block's survivors.
-    masses: &'a [f32],
-    /// Log-normalizer of the raw logits (when some draw reports raw).
+    masses: Vec<f32>,
+    /// Log-normalizer of the raw logits (NaN unless some row wanted it).
     raw_log_z: f32,
     /// The best raw logits, best first, and their tokens.
     top: Vec<(u32, f32)>,
+    /// The raw logit of the row's given token (scoring), else NaN.
+    given: f32,
 }
 
-fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<SampledToken>> {
-    let device = logits.device();
-    let (_, vocab) = logits.dims2()?;
-    let n = draws.len();
+impl Summary {
+    /// Log-normalizer of the scaled logits that survive min-p.
+    fn log_z(&self) -> f32 {
+        let total: f64 = self.masses.iter().map(|&m| m as f64).sum();
+        self.max_scaled + total.ln() as f32
+    }
+}
+
+/// Rows of `x` (`[rows, vocab]`, f32, contiguous) reduced on its device as
+/// `specs` ask, brought to the host in one transfer (two with `given`, the
+/// token whose raw logit each row also reports).
+fn summarize(x: &Tensor, specs: &[RowSpec], given: Option<&[u32]>) -> Result<Vec<Summary>> {
+    let device = x.device();
+    let (n, vocab) = x.dims2()?;
     let block = block_len(vocab);
     let blocks = vocab.div_ceil(block);
-    let row_ids: Vec<u32> = draws.iter().map(|d| d.row as u32).collect();
-    let x = select_rows(logits, &row_ids)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
-
-    // Greedy draws read only raw values: scale them by 1.
-    let temperature = |d: &Draw| {
-        let p = &d.params.distribution;
-        if p.is_greedy() {
-            1.0
-        } else {
-            p.temperature
-        }
-    };
-    let temps: Vec<f32> = draws.iter().map(|d| temperature(d)).collect();
-    let ln_min_p: Vec<f32> = draws
+    let temps: Vec<f32> = specs.iter().map(|s| s.temperature).collect();
+    let ln_min_p: Vec<f32> = specs
         .iter()
-        .map(|d| min_p_of(d).map_or(f32::NEG_INFINITY, f32::ln))
+        .map(|s| s.min_p.map_or(f32::NEG_INFINITY, f32::ln))
         .collect();
     // Scoped so each full-size temporary is freed as soon as it is used:
     // the KV budget reserves room for a few copies of the logits only.
@@ -225,7 +262,7 @@ fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<Sam
         let scaled = x.broadcast_div(&Tensor::from_vec(temps, (n, 1), device)?)?;
         let max = scaled.max_keepdim(1)?;
         let mut weights = scaled.broadcast_sub(&max)?.exp()?;
-        if ln_min_p.iter().any(|&l| l > f32::NEG_INFINITY) {
+        if specs.iter().any(|s| s.min_p.is_some()) {
             let floor = max.broadcast_add(&Tensor::from_vec(ln_min_p, (n, 1), device)?)?;
             let kept = scaled.broadcast_ge(&floor)?;
             weights = kept.where_cond(&weights, &weights.zeros_like()?)?;
@@ -238,53 +275,67 @@ fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<Sam
         (max, masses)
     };
     let mut columns = vec![max, masses];
-    let wants_raw = draws
-        .iter()
-        .any(|d| d.params.distribution.is_greedy() || d.params.logprobs_mode == LogprobsMode::Raw);
+    let wants_raw = specs.iter().any(|s| s.raw);
     if wants_raw {
         let raw_max = x.max_keepdim(1)?;
         let raw_sum = x.broadcast_sub(&raw_max)?.exp()?.sum_keepdim(1)?;
         columns.extend([raw_max, raw_sum]);
     }
-    let top_n = draws
-        .iter()
-        .map(|d| {
-            let greedy = usize::from(d.params.distribution.is_greedy());
-            d.params.top_logprobs.max(greedy)
-        })
-        .max()
-        .unwrap_or(0);
+    if let Some(given) = given {
+        let ids = Tensor::from_slice(given, (n, 1), device)?;
+        columns.push(x.gather(&ids, 1)?);
+    }
+    let top_n = specs.iter().map(|s| s.top).max().unwrap_or(0);
     let top_ids = if top_n > 0 {
-        let ids = top_indices(&x, top_n)?;
+        let ids = top_indices(x, top_n)?;
         columns.push(x.gather(&ids, 1)?);
         ids.to_vec2::<u32>()?
     } else {
         vec![Vec::new(); n]
     };
     let host = Tensor::cat(&columns, 1)?.to_vec2::<f32>()?;
-
-    let summaries: Vec<Summary<'_>> = host
-        .iter()
-        .zip(&top_ids)
+    Ok(host
+        .into_iter()
+        .zip(top_ids)
         .map(|(values, ids)| {
-            let (raw_log_z, top_values) = if wants_raw {
-                let (raw_max, raw_sum) = (values[1 + blocks], values[2 + blocks]);
-                (raw_max + raw_sum.ln(), &values[3 + blocks..])
-            } else {
-                (f32::NAN, &values[1 + blocks..])
+            let mut rest = &values[1 + blocks..];
+            let mut take = || {
+                let (first, tail) = rest
+                    .split_first()
+                    .map_or((f32::NAN, rest), |(f, t)| (*f, t));
+                rest = tail;
+                first
             };
+            let raw_log_z = if wants_raw {
+                let (raw_max, raw_sum) = (take(), take());
+                raw_max + raw_sum.ln()
+            } else {
+                f32::NAN
+            };
+            let given = if given.is_some() { take() } else { f32::NAN };
             Summary {
                 max_scaled: values[0],
-                masses: &values[1..1 + blocks],
+                masses: values[1..1 + blocks].to_vec(),
                 raw_log_z,
-                top: ids
-                    .iter()
-                    .copied()
-                    .zip(top_values.iter().copied())
-                    .collect(),
+                top: ids.into_iter().zip(rest.iter().copied()).collect(),
+                given,
             }
         })
-        .collect();
+        .collect())
+}
+
+fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<SampledToken>> {
+    let device = logits.device();
+    let (_, vocab) = logits.dims2()?;
+    let n = draws.len();
+    let block = block_len(vocab);
+    let blocks = vocab.div_ceil(block);
+    let row_ids: Vec<u32> = draws.iter().map(|d| d.row as u32).collect();
+    let x = select_rows(logits, &row_ids)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let specs: Vec<RowSpec> = draws.iter().map(|d| RowSpec::of(&d.params)).collect();
+    let summaries = summarize(&x, &specs, None)?;
 
     // The host's half of the walk: which block each sampling draw lands in.
     let mut walks: Vec<Option<Walk>> = Vec::with_capacity(n);
@@ -312,61 +363,117 @@ fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<Sam
 
     let mut block_values = block_values.iter();
     let mut out = Vec::with_capacity(n);
-    for ((d, s), walk) in draws.iter().zip(&summaries).zip(walks) {
+    for (((d, s), spec), walk) in draws.iter().zip(&summaries).zip(&specs).zip(walks) {
         let p = &d.params;
-        let raw_top = |k: usize| -> Vec<(u32, f32)> {
-            s.top
-                .iter()
-                .take(k)
-                .map(|&(i, v)| (i, v - s.raw_log_z))
-                .collect()
-        };
         let Some(walk) = walk else {
             // Greedy: the best raw logit (the first, on ties), raw log-probs.
             let (token, value) = s.top.first().copied().unwrap_or((0, f32::NAN));
             out.push(SampledToken {
                 token,
                 logprob: value - s.raw_log_z,
-                top_logprobs: raw_top(p.top_logprobs),
+                top_logprobs: s.raw_top(p.top_logprobs),
             });
             continue;
         };
         let Some(values) = block_values.next() else {
             candle_core::bail!("a sampled block did not come back");
         };
-        let t = p.distribution.temperature;
-        let floor = min_p_of(d).map_or(f32::NEG_INFINITY, |m| s.max_scaled + m.ln());
-        let scale = |raw: f32| if t == 1.0 { raw } else { raw / t };
+        let floor = spec.floor(s.max_scaled);
         let (token, raw) = walk.finish(values, block, vocab, |raw| {
-            let v = scale(raw);
+            let v = spec.scale(raw);
             survives(v, floor).then(|| math::exp(v - walk.log_z) as f64)
         });
         out.push(match p.logprobs_mode {
             LogprobsMode::Processed => SampledToken {
                 token,
-                logprob: scale(raw) - walk.log_z,
-                top_logprobs: s
-                    .top
-                    .iter()
-                    .map(|&(i, raw)| (i, scale(raw)))
-                    .filter(|&(_, v)| survives(v, floor))
-                    .take(p.top_logprobs)
-                    .map(|(i, v)| (i, v - walk.log_z))
-                    .collect(),
+                logprob: spec.scale(raw) - walk.log_z,
+                top_logprobs: s.processed_top(spec, p.top_logprobs, walk.log_z),
             },
             LogprobsMode::Raw => SampledToken {
                 token,
                 logprob: raw - s.raw_log_z,
-                top_logprobs: raw_top(p.top_logprobs),
+                top_logprobs: s.raw_top(p.top_logprobs),
             },
         });
     }
     Ok(out)
 }
 
-fn min_p_of(d: &Draw) -> Option<f32> {
-    let m = d.params.distribution.min_p;
-    (m > 0.0).then_some(m)
+impl Summary {
+    /// The `k` best raw log-probs.
+    fn raw_top(&self, k: usize) -> Vec<(u32, f32)> {
+        self.top
+            .iter()
+            .take(k)
+            .map(|&(i, v)| (i, v - self.raw_log_z))
+            .collect()
+    }
+
+    /// The `k` best processed log-probs: the best raw logits that survive
+    /// min-p (scaling keeps their order).
+    fn processed_top(&self, spec: &RowSpec, k: usize, log_z: f32) -> Vec<(u32, f32)> {
+        let floor = spec.floor(self.max_scaled);
+        self.top
+            .iter()
+            .map(|&(i, raw)| (i, spec.scale(raw)))
+            .filter(|&(_, v)| survives(v, floor))
+            .take(k)
+            .map(|(i, v)| (i, v - log_z))
+            .collect()
+    }
+}
+
+/// Whether [`score_rows`] gives what [`sampler::score`] would for these
+/// parameters: it cannot apply top-k or top-p.
+pub fn scores_on_device(p: &DistributionParams, mode: LogprobsMode, top: usize) -> bool {
+    top <= MAX_SUMMARY_TOP
+        && (p.is_greedy() || mode == LogprobsMode::Raw || (p.top_k.is_none() && p.top_p >= 1.0))
+}
+
+/// Teacher-forced log-probs of `tokens[i]` under row `i` of `logits`, and
+/// the `top` best alternatives, as [`sampler::score`] gives them, from a
+/// summary of each row (only when [`scores_on_device`]).
+pub fn score_rows(
+    logits: &Tensor,
+    p: &DistributionParams,
+    mode: LogprobsMode,
+    tokens: &[u32],
+    top: usize,
+) -> Result<Vec<Scored>> {
+    let (rows, vocab) = logits.dims2()?;
+    if tokens.len() != rows {
+        candle_core::bail!("{} tokens to score against {rows} rows", tokens.len());
+    }
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("token {t} outside the vocabulary of {vocab}");
+    }
+    let raw = p.is_greedy() || mode == LogprobsMode::Raw;
+    let spec = || RowSpec {
+        temperature: if raw { 1.0 } else { p.temperature },
+        min_p: (!raw && p.min_p > 0.0).then_some(p.min_p),
+        raw,
+        top,
+    };
+    let specs: Vec<RowSpec> = (0..rows).map(|_| spec()).collect();
+    let x = logits.to_dtype(DType::F32)?.contiguous()?;
+    let summaries = summarize(&x, &specs, Some(tokens))?;
+    Ok(summaries
+        .iter()
+        .zip(&specs)
+        .map(|(s, spec)| {
+            if raw {
+                return (s.given - s.raw_log_z, s.raw_top(top));
+            }
+            let log_z = s.log_z();
+            let v = spec.scale(s.given);
+            let lp = if survives(v, spec.floor(s.max_scaled)) {
+                v - log_z
+            } else {
+                f32::NEG_INFINITY
+            };
+            (lp, s.processed_top(spec, top, log_z))
+        })
+        .collect())
 }
 
 /// The `k` largest values of each row of `x` (`[rows, vocab]`), best first,
@@ -395,9 +502,9 @@ struct Walk {
 }
 
 impl Walk {
-    fn start(s: &Summary<'_>, u: f64) -> Self {
+    fn start(s: &Summary, u: f64) -> Self {
         let total: f64 = s.masses.iter().map(|&m| m as f64).sum();
-        let log_z = s.max_scaled + total.ln() as f32;
+        let log_z = s.log_z();
         let mut before = 0.0;
         let mut last_with_mass = 0;
         for (b, &m) in s.masses.iter().enumerate() {
@@ -457,7 +564,6 @@ impl Walk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::params::DistributionParams;
     use rand::SeedableRng;
 
     /// Rows shaped like a language model's: a few strong tokens, a long
@@ -679,6 +785,91 @@ mod tests {
         let got = sample_draws(&tensor, &mut draws).unwrap();
         assert_eq!(got[0].token, 0);
         assert_close(got[0].logprob, -(vocab as f32).ln(), "uniform");
+    }
+
+    /// Teacher-forced scoring from summaries gives the host's log-probs and
+    /// alternatives, including -inf for a token min-p cuts.
+    #[test]
+    fn scored_rows_match_the_host_scorer() {
+        let vocab = 2049;
+        let rows = logits(8, vocab, 23);
+        let tensor = Tensor::from_vec(rows.concat(), (rows.len(), vocab), &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        // Some rows score their best token, others a tail one (cut by min-p).
+        let tokens: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                if i % 2 == 0 {
+                    let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
+                    best.map(|(j, _)| j as u32).unwrap()
+                } else {
+                    rng.random_range(0..vocab as u32)
+                }
+            })
+            .collect();
+        let mut cut = 0;
+        for (d, mode, top) in [
+            (DistributionParams::default(), LogprobsMode::Processed, 0),
+            (
+                DistributionParams {
+                    temperature: 0.6,
+                    min_p: 0.1,
+                    ..Default::default()
+                },
+                LogprobsMode::Processed,
+                4,
+            ),
+            (
+                DistributionParams {
+                    temperature: 0.6,
+                    min_p: 0.1,
+                    top_p: 0.5,
+                    ..Default::default()
+                },
+                LogprobsMode::Raw,
+                3,
+            ),
+            (
+                DistributionParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                LogprobsMode::Processed,
+                2,
+            ),
+        ] {
+            assert!(scores_on_device(&d, mode, top));
+            let got = score_rows(&tensor, &d, mode, &tokens, top).unwrap();
+            for (i, (lp, alts)) in got.iter().enumerate() {
+                let (want, want_alts) = sampler::score(&rows[i], &d, mode, tokens[i], top);
+                let what = format!("{d:?} {mode:?} row {i}");
+                if want == f32::NEG_INFINITY {
+                    cut += 1;
+                }
+                assert_close(*lp, want, &what);
+                assert_eq!(alts.len(), want_alts.len(), "{what}");
+                for (g, w) in alts.iter().zip(&want_alts) {
+                    assert_eq!(g.0, w.0, "{what}");
+                    assert_close(g.1, w.1, &what);
+                }
+            }
+        }
+        assert!(cut > 0, "some scored token was cut by min-p");
+        let top_k = DistributionParams {
+            top_k: Some(3),
+            ..Default::default()
+        };
+        assert!(!scores_on_device(&top_k, LogprobsMode::Processed, 0));
+        assert!(scores_on_device(&top_k, LogprobsMode::Raw, 0));
+        assert!(!scores_on_device(
+            &DistributionParams::default(),
+            LogprobsMode::Raw,
+            MAX_SUMMARY_TOP + 1
+        ));
+        assert!(score_rows(&tensor, &top_k, LogprobsMode::Raw, &tokens[..3], 0).is_err());
+        let outside = vec![vocab as u32; rows.len()];
+        assert!(score_rows(&tensor, &top_k, LogprobsMode::Raw, &outside, 0).is_err());
     }
 
     #[test]

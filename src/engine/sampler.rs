@@ -22,6 +22,9 @@ pub struct SampledToken {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// A given token's log-prob and the best alternatives, best first.
+pub type Scored = (f32, Vec<(u32, f32)>);
+
 /// `log(sum(exp(x)))` over `values`, stable.
 fn log_sum_exp(values: &[f32]) -> f32 {
     let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -381,7 +384,7 @@ pub fn score(
     mode: LogprobsMode,
     token: u32,
     top: usize,
-) -> (f32, Vec<(u32, f32)>) {
+) -> Scored {
     if params.is_greedy() || mode == LogprobsMode::Raw {
         let raw = Raw::new(logits);
         return (raw.logprob(token), raw.top(top));
