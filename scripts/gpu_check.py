@@ -33,9 +33,9 @@ def row(check, result, detail):
 
 
 class Server:
-    def __init__(self, bin_path, model_dir, device, log_path):
+    def __init__(self, bin_path, model_dir, device, log_path, extra=()):
         cmd = [bin_path, "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
-               "--served-model-name", "check", "--seed", "0"]
+               "--served-model-name", "check", "--seed", "0", *extra]
         if device == "gpu":
             cmd.append("--gpu")
         self.log = open(log_path, "w")
@@ -151,6 +151,34 @@ def check_scoring(srv, device):
     limit_max, limit_mean = (1e-4, 1e-4) if device == "cpu" else (0.25, 0.02)
     detail = f"|gen - /v1/logprobs| max {worst:.2e}, mean {mean:.2e} over {n} tokens (limit {limit_max:g}/{limit_mean:g})"
     return worst <= limit_max and mean <= limit_mean, detail
+
+
+def other_transfer(device):
+    """The sampling transfer the main server does not use (its default is
+    `summary` on a GPU, `rows` on the CPU)."""
+    return "rows" if device == "gpu" else "summary"
+
+
+def check_transfer(srv, other):
+    """The same seeded requests against a server whose sampled logits reach
+    the sampler the other way: the same tokens, log-probs to f32 rounding."""
+    worst, tokens = 0.0, 0
+    for body in [{"prompt": ["The sky is", "One, two,"], "n": 3, "temperature": 1.0, "logprobs": 3},
+                 {"prompt": "Count: 1, 2,", "temperature": 0.7, "min_p": 0.05, "logprobs": 0},
+                 {"prompt": "Colors:", "temperature": 0.0, "logprobs": 2}]:
+        body.update({"model": "check", "max_tokens": 24, "seed": 11, "ignore_eos": True,
+                     "return_token_ids": True})
+        a, b = srv.ok("/v1/completions", body), other.ok("/v1/completions", body)
+        for x, y in zip(a["choices"], b["choices"]):
+            gx, gy = x["generation_token_ids"], y["generation_token_ids"]
+            if gx != gy:
+                at = next((i for i, (p, q) in enumerate(zip(gx, gy)) if p != q), min(len(gx), len(gy)))
+                raise AssertionError(f"{body['prompt']!r} choice {x['index']}: tokens differ from position {at}")
+            for p, q in zip(x["generation_log_probs"], y["generation_log_probs"]):
+                worst = max(worst, abs(p - q))
+            tokens += len(gx)
+    assert worst <= 1e-3, f"log-probs differ by up to {worst:.2e}"
+    return f"{tokens} tokens identical, log-probs within {worst:.1e}"
 
 
 # --- safetensors, read and written with the standard library -------------
@@ -284,22 +312,23 @@ def refit_bench(srv, full, size):
         f"server-side {min(server_s):.3f}s, to first served token {min(serving):.3f}s")
 
 
-def engine_bench(bin_path, srv, work, levels, prompt_len, max_tokens, deadline):
+def engine_bench(bin_path, srv, work, levels, prompt_len, max_tokens, deadline, label=""):
     for c in levels:
+        name = f"engine: {c} sequences{label}"
         if time.monotonic() > deadline:
-            row(f"engine: {c} sequences", "SKIP", "out of time budget")
+            row(name, "SKIP", "out of time budget")
             continue
-        out = os.path.join(work, f"bench-{c}.json")
+        out = os.path.join(work, f"bench-{c}{label.strip().replace(' ', '-')}.json")
         cmd = [bin_path, "bench", "--url", srv.url, "--model", "check", "--completions",
                "--concurrency", str(c), "--requests", str(max(2 * c, 4)), "--prompt-len", str(prompt_len),
                "--max-tokens", str(max_tokens), "--json", out]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, deadline - time.monotonic()))
         if p.returncode != 0 or not os.path.exists(out):
-            row(f"engine: {c} sequences", "FAIL", (p.stderr or p.stdout)[-300:])
+            row(name, "FAIL", (p.stderr or p.stdout)[-300:])
             continue
         s = json.load(open(out))
         bad = s.get("errors") or {}
-        row(f"engine: {c} sequences", "INFO" if not bad else "FAIL",
+        row(name, "INFO" if not bad else "FAIL",
             f"{s['output_tok_s']:.1f} output tok/s, {s['completed']}/{s['requests']} requests, "
             f"prompt {prompt_len} + {max_tokens} tokens" + (f", errors {bad}" if bad else ""))
 
@@ -369,6 +398,28 @@ def main():
                 engine_bench(a.bin, srv, work, [1, 4], 16, 8, deadline)
     finally:
         srv.stop()
+    other = other_transfer(a.device)
+    # Two servers at once: on a GPU each gets a fixed pool (15 GB for the
+    # 0.6B shape), not --gpu-memory-utilization's share of the whole GPU.
+    pool = ["--kv-cache-tokens", "131072"] if a.device == "gpu" else []
+    name = f"sampling transfer: {other} vs default"
+    srv = first = None
+    try:
+        srv = Server(a.bin, a.model_dir, a.device, os.path.join(work, "server-transfer.log"),
+                     ["--sampling-transfer", other, *pool])
+        first = Server(a.bin, a.model_dir, a.device, os.path.join(work, "server-again.log"), pool)
+        row(name, "PASS", check_transfer(first, srv))
+    except (Exception, SystemExit) as e:
+        row(name, "FAIL", str(e)[:300])
+    finally:
+        if first:
+            first.stop()
+    if srv:
+        try:
+            if not a.no_bench and a.device == "gpu":
+                engine_bench(a.bin, srv, work, [32, 256], 128, 128, deadline, f", {other}")
+        finally:
+            srv.stop()
     width = max(len(r[0]) for r in ROWS)
     print(f"\n{'check'.ljust(width)}  result  detail")
     print(f"{'-' * width}  ------  ------")
