@@ -24,6 +24,7 @@ use crate::math;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// How a step's sampled rows reach the sampler.
@@ -134,19 +135,29 @@ pub fn sample_draws(logits: &Tensor, draws: &mut [Draw]) -> Result<Vec<SampledTo
         row_ids.sort_unstable();
         row_ids.dedup();
         let host = select_rows(logits, &row_ids)?.to_vec2::<f32>()?;
-        for &i in &whole {
-            let d = &mut draws[i];
-            let Ok(at) = row_ids.binary_search(&(d.row as u32)) else {
-                candle_core::bail!("row {} was not copied", d.row);
-            };
-            out[i] = Some(sampler::sample(
-                &host[at],
-                &d.params.distribution,
-                d.params.logprobs_mode,
-                &d.banned,
-                d.params.top_logprobs,
-                &mut d.rng,
-            ));
+        let mut picked: Vec<(usize, &mut Draw)> = draws
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, d)| !d.summarizable())
+            .collect();
+        // In parallel, as the host path: each draw has its own RNG.
+        let sampled: Vec<(usize, SampledToken)> = picked
+            .par_iter_mut()
+            .filter_map(|(i, d)| {
+                let at = row_ids.binary_search(&(d.row as u32)).ok()?;
+                let token = sampler::sample(
+                    &host[at],
+                    &d.params.distribution,
+                    d.params.logprobs_mode,
+                    &d.banned,
+                    d.params.top_logprobs,
+                    &mut d.rng,
+                );
+                Some((*i, token))
+            })
+            .collect();
+        for (i, token) in sampled {
+            out[i] = Some(token);
         }
     }
     if !summarized.is_empty() {
