@@ -181,6 +181,30 @@ def check_transfer(srv, other):
     return f"{tokens} tokens identical, log-probs within {worst:.1e}"
 
 
+def check_whole_blocks(bin_path, device, work, pool):
+    """The summary sampler on a vocabulary that is a whole number of its
+    blocks (32,768 = 128 x 256, as Mistral's): no padding column at all."""
+    model = os.path.join(work, "vocab-32768")
+    subprocess.run([bin_path, "make-model", "--preset", "tiny", "--vocab", "32768", "--dtype", "bf16",
+                    "--out", model], check=True, capture_output=True)
+    srv = Server(bin_path, model, device, os.path.join(work, "server-vocab.log"),
+                 ["--sampling-transfer", "summary", *pool])
+    try:
+        tokens = 0
+        for body in [{"prompt": "a b c", "n": 2, "temperature": 1.0, "logprobs": 2},
+                     {"prompt": "a b c", "temperature": 0.0, "logprobs": 1}]:
+            body.update({"model": "check", "max_tokens": 8, "seed": 3, "ignore_eos": True,
+                         "return_token_ids": True})
+            for c in srv.ok("/v1/completions", body)["choices"]:
+                g, lp = c["generation_token_ids"], c["generation_log_probs"]
+                assert len(g) == 8 and all(0 <= t < 32768 for t in g), f"tokens {g}"
+                assert all(math.isfinite(x) and x <= 0 for x in lp), f"log-probs {lp}"
+                tokens += len(g)
+        return f"vocabulary 32,768 (no padding block): {tokens} tokens sampled, finite log-probs"
+    finally:
+        srv.stop()
+
+
 # --- safetensors, read and written with the standard library -------------
 
 def read_safetensors(model_dir):
@@ -414,6 +438,10 @@ def main():
     finally:
         if first:
             first.stop()
+    try:
+        row("summary sampler, whole blocks", "PASS", check_whole_blocks(a.bin, a.device, work, pool))
+    except (Exception, SystemExit) as e:
+        row("summary sampler, whole blocks", "FAIL", str(e)[:300])
     if srv:
         try:
             if not a.no_bench and a.device == "gpu":

@@ -72,7 +72,13 @@ pub fn select_device(gpu: bool) -> Result<Device, LoadError> {
         return Ok(Device::Cpu);
     }
     if candle_core::utils::cuda_is_available() {
-        return Device::new_cuda(0).map_err(|e| LoadError::Device(e.to_string()));
+        let device = Device::new_cuda(0).map_err(|e| LoadError::Device(e.to_string()))?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &device {
+            crate::model::cuda::kernels::preload(cuda)
+                .map_err(|e| LoadError::Device(e.to_string()))?;
+        }
+        return Ok(device);
     }
     if candle_core::utils::metal_is_available() {
         return Device::new_metal(0).map_err(|e| LoadError::Device(e.to_string()));

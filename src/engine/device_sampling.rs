@@ -365,8 +365,17 @@ fn sample_summarized(logits: &Tensor, draws: &mut [&mut Draw]) -> Result<Vec<Sam
     let block_values = if wanted.is_empty() {
         Vec::new()
     } else {
-        let pad = Tensor::full(f32::NEG_INFINITY, (n, blocks * block - vocab), device)?;
-        Tensor::cat(&[&x, &pad], 1)?
+        let pad = blocks * block - vocab;
+        // A zero-width tensor would be a zero-sized CUDA launch: an error.
+        let padded = if pad == 0 {
+            x.clone()
+        } else {
+            Tensor::cat(
+                &[&x, &Tensor::full(f32::NEG_INFINITY, (n, pad), device)?],
+                1,
+            )?
+        };
+        padded
             .reshape((n * blocks, block))?
             .index_select(&Tensor::new(wanted.as_slice(), device)?, 0)?
             .to_vec2::<f32>()?
@@ -488,14 +497,29 @@ pub fn score_rows(
 }
 
 /// The `k` largest values of each row of `x` (`[rows, vocab]`), best first,
-/// lowest index on ties: `k` argmax passes, each masking its pick.
+/// lowest index on ties (as the host sampler orders them): `k` passes, each
+/// finding the row's maximum, scoring its occurrences by `vocab - index`
+/// and masking the best-scored one. candle's CUDA argmax alone picks any of
+/// equal values, and bf16 logits tie often.
 fn top_indices(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (rows, _) = x.dims2()?;
+    let (rows, vocab) = x.dims2()?;
+    let device = x.device();
     let work = x.copy()?;
-    let masked = Tensor::full(f32::NEG_INFINITY, (rows, 1), x.device())?;
+    let masked = Tensor::full(f32::NEG_INFINITY, (rows, 1), device)?;
+    // Exact in f32 for any vocabulary under 2^24.
+    let earlier = Tensor::arange(0u32, vocab as u32, device)?
+        .to_dtype(DType::F32)?
+        .affine(-1.0, vocab as f64)?
+        .reshape((1, vocab))?
+        .broadcast_as((rows, vocab))?;
+    let none = Tensor::zeros((rows, vocab), DType::F32, device)?;
     let mut picks = Vec::with_capacity(k);
     for _ in 0..k {
-        let ids = work.argmax_keepdim(1)?;
+        let best = work.max_keepdim(1)?;
+        let ids = work
+            .broadcast_eq(&best)?
+            .where_cond(&earlier, &none)?
+            .argmax_keepdim(1)?;
         work.scatter_set(&ids, &masked, 1)?;
         picks.push(ids);
     }
@@ -628,7 +652,13 @@ mod tests {
     /// RNG state, log-prob and alternatives (to f32 rounding of the sums).
     #[test]
     fn summarized_draws_match_the_host_sampler() {
-        let vocab = 3001; // not a multiple of the block length
+        // Not a multiple of the block length (64), and one (32 x 32).
+        for vocab in [3001, 1024] {
+            summarized_draws_match_at(vocab);
+        }
+    }
+
+    fn summarized_draws_match_at(vocab: usize) {
         let rows = logits(6, vocab, 11);
         let device = Device::Cpu;
         let flat: Vec<f32> = rows.concat();
@@ -786,6 +816,23 @@ mod tests {
             let got = sample_draws(&tensor, &mut draws).unwrap();
             assert!(got.iter().all(|t| (t.token as usize) < vocab));
         }
+        // Tied best logits: the lowest index first, as on the host.
+        let mut tied = vec![0.0f32; 1000];
+        for i in [700, 5, 300] {
+            tied[i] = 5.0;
+        }
+        tied[999] = 4.0;
+        let tensor_tied = Tensor::from_vec(tied, (1, 1000), &Device::Cpu).unwrap();
+        let mut draws = vec![Draw {
+            row: 0,
+            params: params(0.0, 0.0, LogprobsMode::Raw, 4),
+            banned: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(1),
+        }];
+        let got = sample_draws(&tensor_tied, &mut draws).unwrap();
+        assert_eq!(got[0].token, 5);
+        let ids: Vec<u32> = got[0].top_logprobs.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [5, 300, 700, 999]);
         // Equal logits: greedy takes the first, as the host sampler does.
         let mut draws = vec![Draw {
             row: 2,

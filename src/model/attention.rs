@@ -75,7 +75,7 @@ impl Attention {
         if let Some(out) =
             device_kernels::attend(&q, pool, layer, &step.spans, &step.device_meta, nh, nkv, hd)?
         {
-            return self.o_proj.forward(&out);
+            return lora.project(LayerModule::OProj, &self.o_proj, &out);
         }
         let op = PagedAttention {
             spans: &step.spans,

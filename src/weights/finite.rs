@@ -81,11 +81,13 @@ fn cpu_finite(tensor: &Tensor) -> Option<bool> {
 
 /// On a GPU: `x - x` is 0 for every finite value and NaN otherwise, and a
 /// sum keeps a NaN, so one reduction answers without copying to the host.
+/// Summed in the tensor's own dtype (a sum of zeros is exact in any), so
+/// no f32 copy of a large bf16 tensor is made.
 fn device_finite(tensor: &Tensor) -> Result<bool, WeightsError> {
     let total = tensor
         .sub(tensor)?
-        .to_dtype(DType::F32)?
         .sum_all()?
+        .to_dtype(DType::F32)?
         .to_scalar::<f32>()?;
     Ok(total.is_finite())
 }

@@ -32,3 +32,26 @@ pub fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
         .get_or_load_custom_func(name, MODULE, ptx)?
         .into_cuda_function())
 }
+
+/// Compiles the kernels and loads one now, so a GPU machine without CUDA
+/// 13's `libnvrtc.so.13` (or with a driver too old for its PTX) is refused
+/// at start-up with the reason, instead of failing every step. cudarc
+/// panics when it cannot open the library: that becomes the error.
+pub fn preload(device: &CudaDevice) -> Result<()> {
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        function(device, "paged_attention_bf16_bf16").map(drop)
+    }));
+    match loaded {
+        Ok(result) => result,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            candle_core::bail!(
+                "the CUDA attention kernels need NVRTC from CUDA 13 (libnvrtc.so.13): {why}"
+            )
+        }
+    }
+}
