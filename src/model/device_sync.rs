@@ -6,7 +6,10 @@
 //! push converted on a worker, a model built on a blocking thread, the KV
 //! pool zeroed where the engine is spawned) may still be in flight when the
 //! engine thread reads it, so the thread that made it waits for its own
-//! stream before handing it over.
+//! stream before handing it over. The same holds the other way: memory is
+//! freed on the stream of the thread that drops it last, so the engine
+//! waits for its kernels on the old weights before a swap's reply lets the
+//! refit thread drop them.
 
 use candle_core::{Device, Result};
 
