@@ -72,7 +72,16 @@ pub fn select_device(gpu: bool) -> Result<Device, LoadError> {
         return Ok(Device::Cpu);
     }
     if candle_core::utils::cuda_is_available() {
-        let device = Device::new_cuda(0).map_err(|e| LoadError::Device(e.to_string()))?;
+        // One CUDA stream for every thread. `Device::new_cuda` gives each
+        // thread its own (CU_STREAM_PER_THREAD), unordered with the others:
+        // a push converted on a worker, a model built on a blocking thread
+        // or the KV pool zeroed where the engine is spawned could still be
+        // in flight when the engine thread reads it, and memory is freed on
+        // the stream of whichever thread drops it last (old weights after a
+        // swap), possibly under kernels still reading it. On one stream all
+        // of it runs in the order it was queued.
+        let device =
+            Device::new_cuda_with_stream(0).map_err(|e| LoadError::Device(e.to_string()))?;
         #[cfg(feature = "cuda")]
         if let Device::Cuda(cuda) = &device {
             crate::model::cuda::kernels::preload(cuda)

@@ -184,13 +184,6 @@ impl EngineCore {
     fn apply_swap(&mut self, swap: PendingSwap, aborted: usize) {
         let started = Instant::now();
         let kept = self.set_weights(swap.model, &swap.version);
-        // The old weights may be freed on the refit's thread once this
-        // replies: the kernels this thread queued on them must be done
-        // (model::device_sync). A failure here means the device is lost;
-        // the next step reports it.
-        if let Err(e) = crate::model::device_sync::settle(self.model.device()) {
-            tracing::error!(error = %e, "waiting for the GPU after a weight swap");
-        }
         let _ = swap.reply.send(SwapReport {
             aborted,
             kept,

@@ -30,14 +30,11 @@ impl KvPool {
     ) -> Result<Self> {
         let slots = num_blocks * block_size;
         let alloc = || Tensor::zeros((kv_heads, slots, head_dim), dtype, device);
-        let pool = Self {
+        Ok(Self {
             keys: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
             values: (0..num_layers).map(|_| alloc()).collect::<Result<_>>()?,
             block_size,
-        };
-        // Zeroed where the engine is spawned, written on the engine thread.
-        super::device_sync::settle(device)?;
-        Ok(pool)
+        })
     }
 
     pub fn block_size(&self) -> usize {

@@ -11,7 +11,6 @@ pub mod cpu_threads;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_kernels;
-pub mod device_sync;
 pub mod gemm;
 pub mod kv_cache;
 pub mod linear;
@@ -141,8 +140,6 @@ impl Model {
         } else {
             Linear::new(get(names::LM_HEAD)?, None)
         };
-        // Built on one thread, run on the engine's (RoPE tables, conversions).
-        device_sync::settle(device)?;
         Ok(Self {
             config: std::sync::Arc::new(config.clone()),
             embed_tokens,

@@ -108,20 +108,6 @@ pub(crate) fn convert_bytes(
     run: DType,
     device: &Device,
 ) -> Result<Tensor, WeightsError> {
-    let tensor = convert_bytes_here(name, bytes, dtype, shape, run, device)?;
-    // Pushes convert on worker threads; the engine reads the result on its own.
-    crate::model::device_sync::settle(device)?;
-    Ok(tensor)
-}
-
-fn convert_bytes_here(
-    name: &str,
-    bytes: &[u8],
-    dtype: DType,
-    shape: &[usize],
-    run: DType,
-    device: &Device,
-) -> Result<Tensor, WeightsError> {
     if run == DType::F32 && f32_source_width(dtype).is_some() {
         // The common case (a bf16 push into an f32 engine): no intermediate
         // copy, and the check rides along the conversion.

@@ -57,7 +57,6 @@ impl ParamStore {
             let tensor = convert(&name, tensor, held, device)?;
             out.insert(name, tensor);
         }
-        crate::model::device_sync::settle(device)?;
         if !tensors.is_empty() {
             let mut ignored: Vec<_> = tensors.keys().cloned().collect();
             ignored.sort();
@@ -87,10 +86,6 @@ impl ParamStore {
                 narrowed
             };
             tensors.insert(name, tensor);
-        }
-        // Narrowed on an async thread; the model is built on another.
-        if let Some(t) = tensors.values().next() {
-            crate::model::device_sync::settle(t.device())?;
         }
         Ok(Self {
             tensors,
