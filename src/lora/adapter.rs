@@ -9,11 +9,11 @@ use crate::config::ModelConfig;
 use crate::weights::convert::convert_slice;
 use crate::weights::names::{layer_param, lora_param, LayerModule, LoraFactor, Part};
 use crate::weights::param_specs;
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The factors of one adapted projection, fp32, row-major.
 #[derive(Debug, Clone)]
@@ -25,6 +25,21 @@ pub struct LoraWeights {
     pub rank: usize,
     pub in_dim: usize,
     pub out_dim: usize,
+    /// `a` and `b` as tensors on a GPU, uploaded at first use there (the
+    /// CPU reads the vectors above).
+    pub on_device: OnceLock<(Tensor, Tensor)>,
+}
+
+impl LoraWeights {
+    /// `(a [rank, in], b [out, rank])` on `device`, f32.
+    pub fn on(&self, device: &Device) -> candle_core::Result<&(Tensor, Tensor)> {
+        if let Some(pair) = self.on_device.get() {
+            return Ok(pair);
+        }
+        let a = Tensor::from_slice(&self.a, (self.rank, self.in_dim), device)?;
+        let b = Tensor::from_slice(&self.b, (self.out_dim, self.rank), device)?;
+        Ok(self.on_device.get_or_init(|| (a, b)))
+    }
 }
 
 #[derive(Debug)]
@@ -207,6 +222,7 @@ impl LoraAdapter {
                 rank: a.shape[0],
                 in_dim: a.shape[1],
                 out_dim: b.shape[0],
+                on_device: OnceLock::new(),
             });
         }
         Self {

@@ -6,7 +6,7 @@
 //! reduction whatever the number of rows: a row's result is the same
 //! whatever else is in the batch (other adapters, the base model, any batch
 //! size), and each adapter's factors are read once per step, not once per
-//! row.
+//! row. On a GPU the same update runs on the device (`add_on_device`).
 
 use super::adapter::{LoraAdapter, LoraWeights};
 use crate::model::gemm::{matmul_t, Weights};
@@ -61,8 +61,11 @@ impl LayerAdapters<'_> {
         if rows != per_row.len() {
             candle_core::bail!("adapter rows {} != step rows {rows}", per_row.len());
         }
-        let x_host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let groups = group_rows(&per_row);
+        if !y.device().is_cpu() {
+            return add_on_device(y, x, &groups);
+        }
+        let x_host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let updates: Vec<Vec<f32>> = groups
             .par_iter()
             .map(|g| group_delta(&x_host, in_dim, &g.rows, g.weights, g.scale))
@@ -77,6 +80,28 @@ impl LayerAdapters<'_> {
         // Base rows add exact zeros: their values are unchanged.
         y + delta
     }
+}
+
+/// On a GPU: each group's update by the device's matmuls, added into its
+/// rows of `y` there, so a step does not copy activations to the host and
+/// back for every adapted projection (the CPU path's fixed-order GEMM is
+/// for batch invariance, which the GPU does not promise).
+fn add_on_device(mut y: Tensor, x: &Tensor, groups: &[Group<'_>]) -> Result<Tensor> {
+    let device = y.device().clone();
+    let x = x.to_dtype(DType::F32)?;
+    for g in groups {
+        let rows: Vec<u32> = g.rows.iter().map(|&r| r as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), &device)?;
+        let (a, b) = g.weights.on(&device)?;
+        let delta = x
+            .index_select(&rows, 0)?
+            .matmul(&a.t()?)?
+            .matmul(&b.t()?)?
+            .affine(f64::from(g.scale), 0.0)?;
+        // The groups' rows are disjoint: each row gets one exact add.
+        y = y.index_add(&rows, &delta.to_dtype(y.dtype())?, 0)?;
+    }
+    Ok(y)
 }
 
 /// The rows of a step that share one adapter's factors.
@@ -153,6 +178,7 @@ mod tests {
             rank: 2,
             in_dim: 3,
             out_dim: 4,
+            on_device: Default::default(),
         }
     }
 
@@ -176,6 +202,7 @@ mod tests {
             rank,
             in_dim,
             out_dim,
+            on_device: Default::default(),
         };
         let rows = 37;
         let x = values(3, rows * in_dim);
@@ -199,6 +226,66 @@ mod tests {
                 "row {row} in a pair"
             );
         }
+    }
+
+    /// The GPU's way (candle matmuls, `index_add`), run on the CPU: the same
+    /// updates as the GEMM path to f32 rounding, only on adapted rows.
+    #[test]
+    fn device_updates_match_the_host_updates() {
+        let (in_dim, out_dim, rank, rows) = (67, 29, 4, 6);
+        let factors = |seed| LoraWeights {
+            a: values(seed, rank * in_dim),
+            b: values(seed + 1, out_dim * rank),
+            rank,
+            in_dim,
+            out_dim,
+            on_device: Default::default(),
+        };
+        let (w1, w2) = (factors(10), factors(20));
+        let per_row = [
+            Some((&w1, 0.5)),
+            None,
+            Some((&w2, 2.0)),
+            Some((&w1, 0.5)),
+            None,
+            Some((&w2, 2.0)),
+        ];
+        let groups = group_rows(&per_row);
+        let x_host = values(30, rows * in_dim);
+        let y_host = values(40, rows * out_dim);
+        let device = candle_core::Device::Cpu;
+        let x = Tensor::from_slice(&x_host, (rows, in_dim), &device).unwrap();
+        let y = Tensor::from_slice(&y_host, (rows, out_dim), &device).unwrap();
+        let got = add_on_device(y, &x, &groups)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut want: Vec<Vec<f32>> = y_host.chunks(out_dim).map(<[f32]>::to_vec).collect();
+        for g in &groups {
+            let delta = group_delta(&x_host, in_dim, &g.rows, g.weights, g.scale);
+            for (&row, d) in g.rows.iter().zip(delta.chunks(out_dim)) {
+                for (w, d) in want[row].iter_mut().zip(d) {
+                    *w += d;
+                }
+            }
+        }
+        for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (a, b) in g.iter().zip(w) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "row {row}: {a} vs {b}"
+                );
+            }
+            if per_row[row].is_none() {
+                assert_eq!(
+                    g,
+                    &y_host[row * out_dim..(row + 1) * out_dim],
+                    "base row {row}"
+                );
+            }
+        }
+        // The factors stay uploaded for the next step.
+        assert!(w1.on_device.get().is_some() && w2.on_device.get().is_some());
     }
 
     #[test]
