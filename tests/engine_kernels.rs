@@ -134,6 +134,40 @@ fn a_positions_logits_do_not_depend_on_how_the_step_was_cut() {
     simd::set_cap(Simd::Avx512);
 }
 
+/// Scoring the end of a prompt longer than one scoring pass prefills (2,048
+/// tokens): the prefix goes in bounded passes, and the scores are the bits
+/// a single pass over the whole prompt gives.
+#[test]
+fn scoring_after_a_long_prefix_equals_one_pass() {
+    let _switches = switches();
+    let (_dir, loaded) = common::tiny_qwen3(108);
+    let base = common::prompts(&loaded).concat();
+    let tokens: Vec<u32> = base.iter().copied().cycle().take(2_600).collect();
+    let model = &loaded.model;
+    let vocab = model.config().vocab_size;
+    let (from, to) = (2_500, tokens.len() - 1);
+    let one_pass = model
+        .logits_range(&tokens, from, to, DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut chunked = Vec::new();
+    let mut firsts = Vec::new();
+    model
+        .logits_in_chunks(&tokens, from, to, DType::F32, 37, None, |first, t| {
+            firsts.push(first);
+            chunked.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(chunked.len(), (to - from) * vocab);
+    assert_eq!(firsts, [2_500, 2_537, 2_574]);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&chunked), bits(&one_pass));
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)

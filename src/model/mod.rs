@@ -35,6 +35,10 @@ use norm::RmsNorm;
 use paged_attention::SeqSpan;
 use rope::RotaryEmbedding;
 
+/// Most prompt tokens one scoring pass prefills before the scored range
+/// (the engine's default step budget).
+const PREFIX_CHUNK: usize = 2048;
+
 /// Which positions of a segment need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
@@ -280,7 +284,9 @@ impl Model {
         }
         let rows_len = rows.len();
         if rows_len == 0 {
-            return Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
+            // On the host: a zero-sized CUDA allocation is an error, and a
+            // step of prefill chunks only samples nothing.
+            return Tensor::zeros((0, self.config.vocab_size), DType::F32, &Device::Cpu);
         }
         let rows = Tensor::from_vec(rows, rows_len, &self.device)?;
         let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
@@ -315,7 +321,7 @@ impl Model {
         mut each: impl FnMut(usize, Tensor) -> Result<()>,
     ) -> Result<()> {
         let rows = rows.max(1);
-        if to - from <= rows {
+        if to - from <= rows && to <= PREFIX_CHUNK {
             return each(
                 from,
                 self.logits_range_with(tokens, from, to, kv_dtype, adapter)?,
@@ -325,26 +331,40 @@ impl Model {
         let blocks = tokens.len().div_ceil(BLOCK).max(1);
         let pool = self.new_pool(blocks, BLOCK, kv_dtype)?;
         let table: Vec<u32> = (0..blocks as u32).collect();
-        // Positions before `done` are in the pool; each pass prefills up to
-        // the end of its chunk, as the engine's chunked prefill does.
-        let (mut done, mut at) = (0, from);
-        while at < to {
-            let end = (at + rows).min(to);
-            let logits = self.forward_with_adapters(
+        let pass = |done: usize, end: usize, logits: LogitsFor| {
+            self.forward_with_adapters(
                 &[Segment {
                     tokens: &tokens[done..end],
                     offset: done,
                     block_table: &table,
-                    logits: LogitsFor::Range {
-                        from: at - done,
-                        to: end - done,
-                    },
+                    logits,
                 }],
                 &[adapter],
                 &pool,
+            )
+        };
+        // Positions before `done` are in the pool. The prefix goes in passes
+        // of at most PREFIX_CHUNK tokens, as the engine's chunked prefill
+        // does, so a long prompt scored near its end never runs as one huge
+        // step; then each pass computes `rows` scored positions.
+        let mut done = 0;
+        while done < from {
+            let end = (done + PREFIX_CHUNK).min(from);
+            pass(done, end, LogitsFor::Nothing)?;
+            done = end;
+        }
+        while done < to {
+            let end = (done + rows).min(to);
+            let logits = pass(
+                done,
+                end,
+                LogitsFor::Range {
+                    from: 0,
+                    to: end - done,
+                },
             )?;
-            each(at, logits)?;
-            (done, at) = (end, end);
+            each(done, logits)?;
+            done = end;
         }
         Ok(())
     }
