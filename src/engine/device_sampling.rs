@@ -50,6 +50,9 @@ impl SamplingTransfer {
     }
 }
 
+/// Values summed in f32 before the block sums go on in f64.
+const SUM_RUN: usize = 16;
+
 /// Most alternatives a summarized draw reports; each costs the device one
 /// argmax pass over the row, so more take the whole row.
 pub const MAX_SUMMARY_TOP: usize = 32;
@@ -237,7 +240,7 @@ struct Summary {
     /// The largest logit divided by the temperature.
     max_scaled: f32,
     /// `sum(exp(scaled - max_scaled))` over each block's survivors.
-    masses: Vec<f32>,
+    masses: Vec<f64>,
     /// Log-normalizer of the raw logits (NaN unless some row wanted it).
     raw_log_z: f32,
     /// The best raw logits, best first, and their tokens.
@@ -249,7 +252,7 @@ struct Summary {
 impl Summary {
     /// Log-normalizer of the scaled logits that survive min-p.
     fn log_z(&self) -> f32 {
-        let total: f64 = self.masses.iter().map(|&m| m as f64).sum();
+        let total: f64 = self.masses.iter().sum();
         self.max_scaled + total.ln() as f32
     }
 }
@@ -279,32 +282,41 @@ fn summarize(x: &Tensor, specs: &[RowSpec], given: Option<&[u32]>) -> Result<Vec
             weights = kept.where_cond(&weights, &weights.zeros_like()?)?;
         }
         drop(scaled);
+        // Sums of SUM_RUN values in f32, the rest in f64, so a block's
+        // mass is as exact as the host walk's f64 running sum: a flat
+        // distribution over a large vocabulary puts tokens ~1e-5 of mass
+        // apart, and a draw's `u` must land between the same two of them.
+        let run = SUM_RUN.min(block);
         let masses = weights
             .pad_with_zeros(1, 0, blocks * block - vocab)?
-            .reshape((n, blocks, block))?
+            .reshape((n, blocks * block / run, run))?
+            .sum(2)?
+            .to_dtype(DType::F64)?
+            .reshape((n, blocks, block / run))?
             .sum(2)?;
         (max, masses)
     };
-    let mut columns = vec![max, masses];
+    // Everything comes back as f64 (exact for the f32 values) in one copy.
+    let mut columns = vec![max.to_dtype(DType::F64)?, masses];
     let wants_raw = specs.iter().any(|s| s.raw);
     if wants_raw {
         let raw_max = x.max_keepdim(1)?;
         let raw_sum = x.broadcast_sub(&raw_max)?.exp()?.sum_keepdim(1)?;
-        columns.extend([raw_max, raw_sum]);
+        columns.extend([raw_max.to_dtype(DType::F64)?, raw_sum.to_dtype(DType::F64)?]);
     }
     if let Some(given) = given {
         let ids = Tensor::from_slice(given, (n, 1), device)?;
-        columns.push(x.gather(&ids, 1)?);
+        columns.push(x.gather(&ids, 1)?.to_dtype(DType::F64)?);
     }
     let top_n = specs.iter().map(|s| s.top).max().unwrap_or(0);
     let top_ids = if top_n > 0 {
         let ids = top_indices(x, top_n)?;
-        columns.push(x.gather(&ids, 1)?);
+        columns.push(x.gather(&ids, 1)?.to_dtype(DType::F64)?);
         ids.to_vec2::<u32>()?
     } else {
         vec![Vec::new(); n]
     };
-    let host = Tensor::cat(&columns, 1)?.to_vec2::<f32>()?;
+    let host = Tensor::cat(&columns, 1)?.to_vec2::<f64>()?;
     Ok(host
         .into_iter()
         .zip(top_ids)
@@ -313,7 +325,7 @@ fn summarize(x: &Tensor, specs: &[RowSpec], given: Option<&[u32]>) -> Result<Vec
             let mut take = || {
                 let (first, tail) = rest
                     .split_first()
-                    .map_or((f32::NAN, rest), |(f, t)| (*f, t));
+                    .map_or((f32::NAN, rest), |(f, t)| (*f as f32, t));
                 rest = tail;
                 first
             };
@@ -325,10 +337,13 @@ fn summarize(x: &Tensor, specs: &[RowSpec], given: Option<&[u32]>) -> Result<Vec
             };
             let given = if given.is_some() { take() } else { f32::NAN };
             Summary {
-                max_scaled: values[0],
+                max_scaled: values[0] as f32,
                 masses: values[1..1 + blocks].to_vec(),
                 raw_log_z,
-                top: ids.into_iter().zip(rest.iter().copied()).collect(),
+                top: ids
+                    .into_iter()
+                    .zip(rest.iter().map(|&v| v as f32))
+                    .collect(),
                 given,
             }
         })
@@ -538,12 +553,14 @@ struct Walk {
 
 impl Walk {
     fn start(s: &Summary, u: f64) -> Self {
-        let total: f64 = s.masses.iter().map(|&m| m as f64).sum();
         let log_z = s.log_z();
+        // Normalized by the f32 `log_z`, as the host sampler's walk is (its
+        // masses sum to 1 only within that rounding), not by the exact total.
+        let scale = (f64::from(s.max_scaled) - f64::from(log_z)).exp();
         let mut before = 0.0;
         let mut last_with_mass = 0;
         for (b, &m) in s.masses.iter().enumerate() {
-            let mass = m as f64 / total;
+            let mass = m * scale;
             if mass > 0.0 {
                 last_with_mass = b;
             }
@@ -708,6 +725,43 @@ mod tests {
             }
         }
         assert_eq!(compared, kinds.len() * 40 * rows.len());
+    }
+
+    /// A nearly flat row over a large vocabulary (a random model's): tokens
+    /// ~2e-5 of mass apart, so the block sums must be as exact as the host
+    /// walk's f64 running sum, or draws move to a neighbour.
+    #[test]
+    fn flat_rows_draw_the_host_samplers_tokens() {
+        let vocab = 50_000;
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|_| (0..vocab).map(|_| 0.01 * rng.random::<f32>()).collect())
+            .collect();
+        let tensor = Tensor::from_vec(rows.concat(), (4, vocab), &Device::Cpu).unwrap();
+        let p = params(1.0, 0.0, LogprobsMode::Processed, 0);
+        for seed in 0..100u64 {
+            let mut draws: Vec<Draw> = (0..4)
+                .map(|row| Draw {
+                    row,
+                    params: p.clone(),
+                    banned: Vec::new(),
+                    rng: ChaCha8Rng::seed_from_u64(seed * 10 + row as u64),
+                })
+                .collect();
+            let got = sample_draws(&tensor, &mut draws).unwrap();
+            for (row, got) in got.iter().enumerate() {
+                let mut host_rng = ChaCha8Rng::seed_from_u64(seed * 10 + row as u64);
+                let want = sampler::sample(
+                    &rows[row],
+                    &p.distribution,
+                    p.logprobs_mode,
+                    &[],
+                    0,
+                    &mut host_rng,
+                );
+                assert_eq!(got.token, want.token, "seed {seed}, row {row}");
+            }
+        }
     }
 
     /// Draws the summary does not cover take whole rows, and a mixed batch
