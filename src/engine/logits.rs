@@ -3,7 +3,8 @@
 //! On the CPU the rows are read where the forward pass wrote them: copying
 //! them out (32 decode rows of a 150k vocabulary are 19 MB) cost a step
 //! about 1% of its time, on the engine thread while the workers waited.
-//! From a GPU they are copied to the host once.
+//! From a GPU (with `--sampling-transfer rows`) they are copied to the host
+//! once; by default a GPU's rows stay there (`device_sampling`).
 
 use candle_core::{DType, Result, Storage, StorageRef, Tensor};
 
