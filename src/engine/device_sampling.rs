@@ -87,22 +87,18 @@ pub fn sample_groups(
     sequences: Vec<&mut Sequence>,
     eos: &[u32],
 ) -> Result<Vec<SampledGroup>> {
+    // A copy of each RNG: siblings keep theirs tentatively, leaders get
+    // theirs back below.
+    let draw = |row, seq: &Sequence| Draw {
+        row,
+        params: seq.params.clone(),
+        banned: seq.banned_tokens(eos),
+        rng: seq.rng.clone(),
+    };
     let mut draws = Vec::new();
     for (row, seq) in sequences.iter().enumerate() {
-        for sib in &seq.siblings {
-            draws.push(Draw {
-                row,
-                params: sib.params.clone(),
-                banned: sib.banned_tokens(eos),
-                rng: sib.rng.clone(),
-            });
-        }
-        draws.push(Draw {
-            row,
-            params: seq.params.clone(),
-            banned: seq.banned_tokens(eos),
-            rng: seq.rng.clone(),
-        });
+        draws.extend(seq.siblings.iter().map(|sib| draw(row, sib)));
+        draws.push(draw(row, seq));
     }
     let tokens = sample_draws(logits, &mut draws)?;
     let mut drawn = draws.into_iter().zip(tokens);
@@ -658,6 +654,16 @@ mod tests {
         })
     }
 
+    /// An unbanned draw from `row`, its RNG seeded with `seed`.
+    fn draw(row: usize, params: &Arc<SamplingParams>, seed: u64) -> Draw {
+        Draw {
+            row,
+            params: params.clone(),
+            banned: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
     fn assert_close(a: f32, b: f32, what: &str) {
         assert!(
             a == b || (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
@@ -692,12 +698,7 @@ mod tests {
         for (k, p) in kinds.iter().enumerate() {
             for seed in 0..40u64 {
                 let mut draws: Vec<Draw> = (0..rows.len())
-                    .map(|row| Draw {
-                        row,
-                        params: p.clone(),
-                        banned: Vec::new(),
-                        rng: ChaCha8Rng::seed_from_u64(seed * 100 + row as u64),
-                    })
+                    .map(|row| draw(row, p, seed * 100 + row as u64))
                     .collect();
                 assert!(draws.iter().all(Draw::summarizable));
                 let got = sample_draws(&tensor, &mut draws).unwrap();
@@ -741,12 +742,7 @@ mod tests {
         let p = params(1.0, 0.0, LogprobsMode::Processed, 0);
         for seed in 0..100u64 {
             let mut draws: Vec<Draw> = (0..4)
-                .map(|row| Draw {
-                    row,
-                    params: p.clone(),
-                    banned: Vec::new(),
-                    rng: ChaCha8Rng::seed_from_u64(seed * 10 + row as u64),
-                })
+                .map(|row| draw(row, &p, seed * 10 + row as u64))
                 .collect();
             let got = sample_draws(&tensor, &mut draws).unwrap();
             for (row, got) in got.iter().enumerate() {
@@ -836,12 +832,7 @@ mod tests {
         // The banned greedy draw did not take the row's best token.
         assert_ne!(got[2].token, banned);
         // A draw from a row that does not exist is an error, not a panic.
-        let mut bad = vec![Draw {
-            row: 3,
-            params: params(1.0, 0.0, LogprobsMode::Processed, 0),
-            banned: Vec::new(),
-            rng: ChaCha8Rng::seed_from_u64(0),
-        }];
+        let mut bad = vec![draw(3, &params(1.0, 0.0, LogprobsMode::Processed, 0), 0)];
         assert!(sample_draws(&tensor, &mut bad).is_err());
     }
 
@@ -859,14 +850,7 @@ mod tests {
             params(0.0, 0.0, LogprobsMode::Raw, 2),
             params(0.5, 0.5, LogprobsMode::Raw, 0),
         ] {
-            let mut draws: Vec<Draw> = (0..3)
-                .map(|row| Draw {
-                    row,
-                    params: p.clone(),
-                    banned: Vec::new(),
-                    rng: ChaCha8Rng::seed_from_u64(1),
-                })
-                .collect();
+            let mut draws: Vec<Draw> = (0..3).map(|row| draw(row, &p, 1)).collect();
             let got = sample_draws(&tensor, &mut draws).unwrap();
             assert!(got.iter().all(|t| (t.token as usize) < vocab));
         }
@@ -877,23 +861,13 @@ mod tests {
         }
         tied[999] = 4.0;
         let tensor_tied = Tensor::from_vec(tied, (1, 1000), &Device::Cpu).unwrap();
-        let mut draws = vec![Draw {
-            row: 0,
-            params: params(0.0, 0.0, LogprobsMode::Raw, 4),
-            banned: Vec::new(),
-            rng: ChaCha8Rng::seed_from_u64(1),
-        }];
+        let mut draws = vec![draw(0, &params(0.0, 0.0, LogprobsMode::Raw, 4), 1)];
         let got = sample_draws(&tensor_tied, &mut draws).unwrap();
         assert_eq!(got[0].token, 5);
         let ids: Vec<u32> = got[0].top_logprobs.iter().map(|t| t.0).collect();
         assert_eq!(ids, [5, 300, 700, 999]);
         // Equal logits: greedy takes the first, as the host sampler does.
-        let mut draws = vec![Draw {
-            row: 2,
-            params: params(0.0, 0.0, LogprobsMode::Raw, 0),
-            banned: Vec::new(),
-            rng: ChaCha8Rng::seed_from_u64(1),
-        }];
+        let mut draws = vec![draw(2, &params(0.0, 0.0, LogprobsMode::Raw, 0), 1)];
         let got = sample_draws(&tensor, &mut draws).unwrap();
         assert_eq!(got[0].token, 0);
         assert_close(got[0].logprob, -(vocab as f32).ln(), "uniform");
