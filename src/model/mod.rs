@@ -7,6 +7,7 @@
 //! the same step without padding.
 
 pub mod attention;
+mod attention_tiles;
 pub mod cpu_threads;
 #[cfg(feature = "cuda")]
 pub mod cuda;

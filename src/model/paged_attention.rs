@@ -5,6 +5,7 @@
 //! ([`PagedAttention`]); elsewhere the cached rows are gathered with
 //! `index_select` and attended with matmuls.
 
+use super::attention_tiles::{self as tiles, MAX_SCORE_ROWS, MAX_VALUE_ROWS};
 use super::kv_cache::slot;
 use super::simd::{simd, Simd};
 use super::storage::contiguous;
@@ -45,10 +46,13 @@ pub struct PagedAttention<'a> {
 /// and half the bytes a decode step reads; widening is a shift, so it
 /// vectorizes on any CPU).
 pub trait KvElement: candle_core::WithDType + Copy + Send + Sync {
+    /// Whether it is bf16 (the vector kernels widen it with a shift).
+    const BF16: bool;
     fn widen(self) -> f32;
 }
 
 impl KvElement for f32 {
+    const BF16: bool = false;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -56,6 +60,7 @@ impl KvElement for f32 {
 }
 
 impl KvElement for half::bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
@@ -66,7 +71,7 @@ impl KvElement for half::bf16 {
 /// registers; with `FMA` the multiply-adds are fused (only inside code
 /// compiled with that feature: elsewhere `mul_add` is a libm call).
 #[inline(always)]
-fn dot<const L: usize, const FMA: bool, E: KvElement>(a: &[f32], b: &[E]) -> f32 {
+pub(super) fn dot<const L: usize, const FMA: bool, E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; L];
     let chunks = a.len() / L * L;
     for (x, y) in a[..chunks].chunks_exact(L).zip(b[..chunks].chunks_exact(L)) {
@@ -127,7 +132,7 @@ fn sum<const L: usize>(a: &[f32]) -> f32 {
 
 /// `y += alpha * x`.
 #[inline(always)]
-fn axpy<const FMA: bool, E: KvElement>(alpha: f32, x: &[E], y: &mut [f32]) {
+pub(super) fn axpy<const FMA: bool, E: KvElement>(alpha: f32, x: &[E], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi = if FMA {
             alpha.mul_add(xi.widen(), *yi)
@@ -135,6 +140,52 @@ fn axpy<const FMA: bool, E: KvElement>(alpha: f32, x: &[E], y: &mut [f32]) {
             *yi + alpha * xi.widen()
         };
     }
+}
+
+/// Prefetches, a row at a time, the rows of the next two blocks of a run
+/// that the row being read now corresponds to: the next block into L1,
+/// the one after into L2, which keeps more requests in flight (f32 cache
+/// 23-24 -> 25 GB/s). A whole block at once overflows the core's line-fill
+/// buffers and stalls until memory delivers it.
+pub(super) struct Prefetch<'a, E> {
+    data: &'a [E],
+    ahead: Option<usize>,
+    further: Option<usize>,
+    hd: usize,
+}
+
+impl<'a, E> Prefetch<'a, E> {
+    /// `ahead` and `further`: the pool rows where those blocks start.
+    fn new(data: &'a [E], ahead: Option<usize>, further: Option<usize>, hd: usize) -> Self {
+        Self {
+            data,
+            ahead,
+            further,
+            hd,
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn row(&self, j: usize) {
+        let at = |start: Option<usize>| {
+            start.and_then(|s| self.data.get((s + j) * self.hd..(s + j + 1) * self.hd))
+        };
+        if let Some(row) = at(self.ahead) {
+            prefetch(row, CacheLevel::L1);
+        }
+        if let Some(row) = at(self.further) {
+            prefetch(row, CacheLevel::L2);
+        }
+    }
+}
+
+/// Most scores a thread keeps between items (4 MiB; 8 queries x 16 heads
+/// at 8,192 positions): a longer context allocates its own each time.
+const KEPT_SCORES: usize = 1 << 20;
+
+thread_local! {
+    /// [`PagedAttention::group_rows`]' scores, kept between items.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Queries of one sequence attended together (prefill): each key and value
@@ -181,8 +232,13 @@ impl PagedAttention<'_> {
     /// context per query.
     ///
     /// Every query's result is computed exactly as if it were alone: its
-    /// scores are the same dot products, its softmax runs over its own
-    /// visible positions, and its output sums the values in position order.
+    /// scores are the same dot products ([`dot`]), its softmax runs over its
+    /// own visible positions, and each output value is one chain of
+    /// multiply-adds over the positions in order. Register tiles
+    /// ([`tiles::scores`], [`tiles::values`]) only decide which of those are
+    /// computed side by side: several queries against several keys, or
+    /// several queries' outputs over one value row, so each row loaded
+    /// serves a dozen multiply-adds instead of one or two.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn group_rows<const L: usize, const FMA: bool, E: KvElement>(
@@ -208,90 +264,129 @@ impl PagedAttention<'_> {
         let base = span.offset + first;
         let visible = base + count;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut q_scaled = Vec::with_capacity(count * width);
+        // Row `t * group + g` ("pair"): query `t`, head `g`.
+        let pairs = count * group;
+        let mut q_scaled = Vec::with_capacity(pairs * hd);
         for t in 0..count {
             let row = &q[(span.start + first + t) * nh * hd + kvh * width..][..width];
             q_scaled.extend(row.iter().map(|x| x * scale));
         }
-        // The tile's queries that see position `p`.
-        let seeing = |p: usize| p.saturating_sub(base)..count;
+        // Positions pair `r` sees.
+        let sees = |r: usize| base + r / group + 1;
         // Runs of consecutive positions: (first position, pool row, length).
-        let runs = (0..visible.div_ceil(bs)).map(|b| {
-            let first = b * bs;
-            (
-                first,
-                span.block_table[b] as usize * bs,
-                bs.min(visible - first),
-            )
-        });
-        // Row `t * group + g`: query `t`, head `g`, one score per position.
-        let mut scores = vec![0f32; count * group * visible];
-        // The block `ahead` blocks on in the run, so each row read here can
-        // prefetch the same row there: a row's worth of prefetches at a time,
-        // because a whole block at once overflows the core's line-fill
-        // buffers and stalls until memory delivers it. The next block goes
-        // to L1; the one after to L2, which keeps more requests in flight
-        // (f32 cache 23-24 -> 25 GB/s).
+        let runs: Vec<(usize, usize, usize)> = (0..visible.div_ceil(bs))
+            .map(|b| {
+                let first = b * bs;
+                (
+                    first,
+                    span.block_table[b] as usize * bs,
+                    bs.min(visible - first),
+                )
+            })
+            .collect();
+        // The pool row `ahead` blocks on from block `b`, if still visible.
         let block_after = |b: usize, ahead: usize| -> Option<usize> {
             let next = *span.block_table.get(b + ahead)? as usize;
-            ((b + ahead) * bs < visible).then_some(next * bs * hd)
+            ((b + ahead) * bs < visible).then_some(next * bs)
         };
-        for (b, (first, row, len)) in runs.clone().enumerate() {
-            let ahead = block_after(b, 1).map(|at| &k[at..][..bs * hd]);
-            let further = block_after(b, 2).map(|at| &k[at..][..bs * hd]);
+        // One score per position a pair sees, in a buffer the thread keeps
+        // (a long context's scores are too big to allocate per item).
+        let mut scores = SCORES.with(|buf| buf.take());
+        scores.clear();
+        scores.resize(pairs * visible, 0.0);
+        let score_rows = tiles::score_rows::<L>();
+        // Pairs of a tile all see the positions its first pair sees.
+        let common = |r: usize, tile: usize| sees(r / tile * tile);
+        let no_prefetch = Prefetch::new(k, None, None, hd);
+        for (b, &(first, row, len)) in runs.iter().enumerate() {
+            let ahead = Prefetch::new(k, block_after(b, 1), block_after(b, 2), hd);
             let keys = &k[row * hd..][..len * hd];
-            for (j, key) in keys.chunks_exact(hd).enumerate() {
-                if let Some(ahead) = ahead {
-                    prefetch(&ahead[j * hd..][..hd], CacheLevel::L1);
+            let mut r = 0;
+            while r < pairs {
+                let rows = score_rows.min(pairs - r);
+                let n = len.min(common(r, score_rows).saturating_sub(first));
+                let mut q_rows: [&[f32]; MAX_SCORE_ROWS] = [&[]; MAX_SCORE_ROWS];
+                for (i, q) in q_rows.iter_mut().enumerate().take(rows) {
+                    *q = &q_scaled[(r + i) * hd..][..hd];
                 }
-                if let Some(further) = further {
-                    prefetch(&further[j * hd..][..hd], CacheLevel::L2);
-                }
-                let p = first + j;
-                for t in seeing(p) {
-                    for g in 0..group {
-                        let at = (t * group + g) * hd;
-                        scores[(t * group + g) * visible + p] =
-                            dot::<L, FMA, E>(&q_scaled[at..at + hd], key);
-                    }
+                tiles::scores::<L, FMA, E>(
+                    &q_rows[..rows],
+                    &keys[..n * hd],
+                    hd,
+                    &mut scores[r * visible + first..],
+                    visible,
+                    if r == 0 { &ahead } else { &no_prefetch },
+                );
+                r += rows;
+            }
+            // The diagonal: each pair's positions past its tile's.
+            for pair in 0..pairs {
+                let q = &q_scaled[pair * hd..][..hd];
+                for p in first.max(common(pair, score_rows))..(first + len).min(sees(pair)) {
+                    let key = &keys[(p - first) * hd..][..hd];
+                    scores[pair * visible + p] = dot::<L, FMA, E>(q, key);
                 }
             }
         }
-        for t in 0..count {
-            let sees = base + t + 1;
-            for g in 0..group {
-                let row = &mut scores[(t * group + g) * visible..][..sees];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // Separate passes: a running sum would keep the exps scalar.
-                row.iter_mut().for_each(|x| *x = math::exp(*x - max));
-                let inv = 1.0 / sum::<L>(row);
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
+        for r in 0..pairs {
+            let row = &mut scores[r * visible..][..sees(r)];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Separate passes: a running sum would keep the exps scalar.
+            row.iter_mut().for_each(|x| *x = math::exp(*x - max));
+            let inv = 1.0 / sum::<L>(row);
+            row.iter_mut().for_each(|x| *x *= inv);
         }
-        let mut out = vec![0f32; count * width];
-        for (b, (first, row, len)) in runs.enumerate() {
-            let ahead = block_after(b, 1).map(|at| &v[at..][..bs * hd]);
-            let further = block_after(b, 2).map(|at| &v[at..][..bs * hd]);
+        let mut out = vec![0f32; pairs * hd];
+        let value_rows = tiles::value_rows::<L>();
+        let dims = tiles::value_dims::<L>();
+        // Output dimensions the value tiles cover; the rest (head sizes
+        // not a multiple of `dims`) go one pair at a time.
+        let tiled_dims = hd / dims * dims;
+        for (b, &(first, row, len)) in runs.iter().enumerate() {
+            let ahead = Prefetch::new(v, block_after(b, 1), block_after(b, 2), hd);
             let values = &v[row * hd..][..len * hd];
-            for (j, value) in values.chunks_exact(hd).enumerate() {
-                if let Some(ahead) = ahead {
-                    prefetch(&ahead[j * hd..][..hd], CacheLevel::L1);
+            let mut r = 0;
+            while r < pairs {
+                let rows = value_rows.min(pairs - r);
+                let n = len.min(common(r, value_rows).saturating_sub(first));
+                let mut probs: [&[f32]; MAX_VALUE_ROWS] = [&[]; MAX_VALUE_ROWS];
+                for (i, p) in probs.iter_mut().enumerate().take(rows) {
+                    *p = &scores[(r + i) * visible + first..][..n];
                 }
-                if let Some(further) = further {
-                    prefetch(&further[j * hd..][..hd], CacheLevel::L2);
-                }
-                let p = first + j;
-                for t in seeing(p) {
-                    for g in 0..group {
-                        let at = (t * group + g) * hd;
-                        axpy::<FMA, E>(
-                            scores[(t * group + g) * visible + p],
-                            value,
-                            &mut out[at..at + hd],
-                        );
-                    }
+                tiles::values::<L, FMA, E>(
+                    &values[..n * hd],
+                    hd,
+                    tiled_dims,
+                    &probs[..rows],
+                    &mut out[r * hd..][..rows * hd],
+                    (r == 0).then_some(&ahead),
+                );
+                r += rows;
+            }
+            // What the tiles left: each pair's positions past its tile's
+            // common ones, and the untiled dimensions; each output value's
+            // chain still runs over positions in order.
+            for pair in 0..pairs {
+                let o = &mut out[pair * hd..][..hd];
+                let skip = if tiled_dims < hd {
+                    0
+                } else {
+                    common(pair, value_rows)
+                };
+                for p in first.max(skip)..(first + len).min(sees(pair)) {
+                    let from = if p < common(pair, value_rows) {
+                        tiled_dims
+                    } else {
+                        0
+                    };
+                    let value = &values[(p - first) * hd..][..hd];
+                    let weight = scores[pair * visible + p];
+                    axpy::<FMA, E>(weight, &value[from..], &mut o[from..]);
                 }
             }
+        }
+        if scores.capacity() <= KEPT_SCORES {
+            SCORES.with(|buf| buf.replace(scores));
         }
         out
     }
@@ -494,4 +589,214 @@ fn gathered(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor>
         .transpose(0, 1)?
         .contiguous()?
         .reshape((n, nh * hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The kernel before register tiles: one score, and one value row into
+    /// one pair's output, at a time. The tiles must give its bits.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn reference<const L: usize, const FMA: bool, E: KvElement>(
+        op: &PagedAttention<'_>,
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        span: &SeqSpan<'_>,
+        first: usize,
+        count: usize,
+        kvh: usize,
+    ) -> Vec<f32> {
+        let (nh, hd, bs) = (op.num_heads, op.head_dim, op.block_size);
+        let group = nh / op.num_kv_heads;
+        let width = group * hd;
+        // This head's part of the pool: `[slots, hd]`.
+        let head_len = k.len() / op.num_kv_heads;
+        let (k, v) = (
+            &k[kvh * head_len..][..head_len],
+            &v[kvh * head_len..][..head_len],
+        );
+        // Query `t` of the tile sees positions `..base + t + 1`.
+        let base = span.offset + first;
+        let visible = base + count;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut q_scaled = Vec::with_capacity(count * width);
+        for t in 0..count {
+            let row = &q[(span.start + first + t) * nh * hd + kvh * width..][..width];
+            q_scaled.extend(row.iter().map(|x| x * scale));
+        }
+        // The tile's queries that see position `p`.
+        let seeing = |p: usize| p.saturating_sub(base)..count;
+        // Runs of consecutive positions: (first position, pool row, length).
+        let runs = (0..visible.div_ceil(bs)).map(|b| {
+            let first = b * bs;
+            (
+                first,
+                span.block_table[b] as usize * bs,
+                bs.min(visible - first),
+            )
+        });
+        // Row `t * group + g`: query `t`, head `g`, one score per position.
+        let mut scores = vec![0f32; count * group * visible];
+        // The block `ahead` blocks on in the run, so each row read here can
+        // prefetch the same row there: a row's worth of prefetches at a time,
+        // because a whole block at once overflows the core's line-fill
+        // buffers and stalls until memory delivers it. The next block goes
+        // to L1; the one after to L2, which keeps more requests in flight
+        // (f32 cache 23-24 -> 25 GB/s).
+        let block_after = |b: usize, ahead: usize| -> Option<usize> {
+            let next = *span.block_table.get(b + ahead)? as usize;
+            ((b + ahead) * bs < visible).then_some(next * bs * hd)
+        };
+        for (b, (first, row, len)) in runs.clone().enumerate() {
+            let ahead = block_after(b, 1).map(|at| &k[at..][..bs * hd]);
+            let further = block_after(b, 2).map(|at| &k[at..][..bs * hd]);
+            let keys = &k[row * hd..][..len * hd];
+            for (j, key) in keys.chunks_exact(hd).enumerate() {
+                if let Some(ahead) = ahead {
+                    prefetch(&ahead[j * hd..][..hd], CacheLevel::L1);
+                }
+                if let Some(further) = further {
+                    prefetch(&further[j * hd..][..hd], CacheLevel::L2);
+                }
+                let p = first + j;
+                for t in seeing(p) {
+                    for g in 0..group {
+                        let at = (t * group + g) * hd;
+                        scores[(t * group + g) * visible + p] =
+                            dot::<L, FMA, E>(&q_scaled[at..at + hd], key);
+                    }
+                }
+            }
+        }
+        for t in 0..count {
+            let sees = base + t + 1;
+            for g in 0..group {
+                let row = &mut scores[(t * group + g) * visible..][..sees];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // Separate passes: a running sum would keep the exps scalar.
+                row.iter_mut().for_each(|x| *x = math::exp(*x - max));
+                let inv = 1.0 / sum::<L>(row);
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        let mut out = vec![0f32; count * width];
+        for (b, (first, row, len)) in runs.enumerate() {
+            let ahead = block_after(b, 1).map(|at| &v[at..][..bs * hd]);
+            let further = block_after(b, 2).map(|at| &v[at..][..bs * hd]);
+            let values = &v[row * hd..][..len * hd];
+            for (j, value) in values.chunks_exact(hd).enumerate() {
+                if let Some(ahead) = ahead {
+                    prefetch(&ahead[j * hd..][..hd], CacheLevel::L1);
+                }
+                if let Some(further) = further {
+                    prefetch(&further[j * hd..][..hd], CacheLevel::L2);
+                }
+                let p = first + j;
+                for t in seeing(p) {
+                    for g in 0..group {
+                        let at = (t * group + g) * hd;
+                        axpy::<FMA, E>(
+                            scores[(t * group + g) * visible + p],
+                            value,
+                            &mut out[at..at + hd],
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn random(n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// Every item of every span, tiled vs the reference, for one lane
+    /// width and cache element type; the cache rows scattered over blocks.
+    fn check<const L: usize, const FMA: bool, E: KvElement>(
+        to_e: impl Fn(f32) -> E,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) {
+        for &(heads, kv_heads) in &[(2, 1), (4, 2), (14, 2), (8, 8), (16, 8), (12, 2)] {
+            for &hd in &[64, 80, 128, 24] {
+                for &bs in &[1, 4, 16] {
+                    let (offset, len): (usize, usize) =
+                        (rng.random_range(0..40), rng.random_range(1..20));
+                    let visible = offset + len;
+                    let blocks = visible.div_ceil(bs);
+                    let pool_blocks = blocks + 3;
+                    let mut table: Vec<u32> = (0..pool_blocks as u32).collect();
+                    for i in (1..table.len()).rev() {
+                        table.swap(i, rng.random_range(0..=i));
+                    }
+                    table.truncate(blocks);
+                    let slots = pool_blocks * bs;
+                    let k: Vec<E> = random(kv_heads * slots * hd, rng)
+                        .into_iter()
+                        .map(&to_e)
+                        .collect();
+                    let v: Vec<E> = random(kv_heads * slots * hd, rng)
+                        .into_iter()
+                        .map(&to_e)
+                        .collect();
+                    let q = random(len * heads * hd, rng);
+                    let spans = [SeqSpan {
+                        start: 0,
+                        len,
+                        offset,
+                        block_table: &table,
+                    }];
+                    let op = PagedAttention {
+                        spans: &spans,
+                        block_size: bs,
+                        num_heads: heads,
+                        num_kv_heads: kv_heads,
+                        head_dim: hd,
+                    };
+                    for first in (0..len).step_by(QUERY_TILE) {
+                        let count = QUERY_TILE.min(len - first);
+                        for kvh in 0..kv_heads {
+                            let got = op
+                                .group_rows::<L, FMA, E>(&q, &k, &v, &spans[0], first, count, kvh);
+                            let want = reference::<L, FMA, E>(
+                                &op, &q, &k, &v, &spans[0], first, count, kvh,
+                            );
+                            let bits =
+                                |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&got),
+                                bits(&want),
+                                "L {L} fma {FMA} heads {heads}/{kv_heads} hd {hd} bs {bs} \
+                                 offset {offset} len {len} first {first} kv head {kvh}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn register_tiles_give_the_bits_of_one_score_and_one_row_at_a_time() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let bf16 = half::bf16::from_f32;
+        check::<8, false, f32>(|x| x, &mut rng);
+        check::<8, false, half::bf16>(bf16, &mut rng);
+        // The FMA lanes run the vector tiles of their width: only where
+        // the CPU has them (CI's machines have AVX-512).
+        if simd() >= Simd::Avx2 {
+            check::<8, true, f32>(|x| x, &mut rng);
+            check::<8, true, half::bf16>(bf16, &mut rng);
+        }
+        if simd() >= Simd::Avx512 {
+            check::<16, true, f32>(|x| x, &mut rng);
+            check::<16, true, half::bf16>(bf16, &mut rng);
+        } else {
+            eprintln!("no AVX-512 here: its attention tiles were not checked");
+        }
+    }
 }
