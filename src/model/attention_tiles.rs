@@ -159,20 +159,57 @@ mod x86 {
         }
     }
 
-    /// The lanes summed in order, then the tail: the end of [`super::dot`].
+    /// What `[f32]::iter().sum()` starts from (the lanes of [`super::dot`]
+    /// are summed that way).
     #[inline(always)]
-    unsafe fn finish<const L: usize, E: KvElement>(lanes: &[f32; L], q: &[f32], k: &[E]) -> f32 {
-        let mut s: f32 = lanes.iter().sum();
-        let full = q.len() / L * L;
-        for x in full..q.len() {
-            s += q[x] * k[x].widen();
+    fn sum_start() -> f32 {
+        std::iter::empty::<&f32>().sum()
+    }
+
+    /// The lanes of four accumulators (four keys' scores), each summed in
+    /// order as [`super::dot`] sums them, side by side: a 4 x 8 transpose,
+    /// then eight adds of four sums, where one score at a time takes eight
+    /// scalar adds.
+    #[inline(always)]
+    unsafe fn lane_sums8(acc: &[__m256; 4]) -> [f32; 4] {
+        let t0 = _mm256_unpacklo_ps(acc[0], acc[1]);
+        let t1 = _mm256_unpackhi_ps(acc[0], acc[1]);
+        let t2 = _mm256_unpacklo_ps(acc[2], acc[3]);
+        let t3 = _mm256_unpackhi_ps(acc[2], acc[3]);
+        // Lane l of the four keys: low halves l = 0..4, high halves l + 4.
+        let lanes = [
+            _mm256_shuffle_ps::<0x44>(t0, t2),
+            _mm256_shuffle_ps::<0xEE>(t0, t2),
+            _mm256_shuffle_ps::<0x44>(t1, t3),
+            _mm256_shuffle_ps::<0xEE>(t1, t3),
+        ];
+        let mut s = _mm_set1_ps(sum_start());
+        for l in lanes {
+            s = _mm_add_ps(s, _mm256_castps256_ps128(l));
         }
-        s
+        for l in lanes {
+            s = _mm_add_ps(s, _mm256_extractf128_ps::<1>(l));
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), s);
+        out
+    }
+
+    /// [`lane_sums8`] for sixteen lanes, one score at a time.
+    #[inline(always)]
+    unsafe fn lane_sums16(acc: &[__m512; 4]) -> [f32; 4] {
+        let mut out = [0f32; 4];
+        for (o, a) in out.iter_mut().zip(acc) {
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
+            *o = lanes.iter().sum();
+        }
+        out
     }
 
     macro_rules! score_kernel {
         ($dispatch:ident, $name:ident, [$($rows:literal)*], $lanes:literal, $zero:ident,
-         $loadq:ident, $load:ident, $fma:ident, $store:ident, $feature:literal) => {
+         $loadq:ident, $load:ident, $fma:ident, $sums:ident, $feature:literal) => {
             /// # Safety
             /// The CPU has the kernel's features; as [`super::scores`]
             /// checks, with whole 4-key tiles.
@@ -233,12 +270,16 @@ mod x86 {
                         }
                         at += $lanes;
                     }
+                    let full = hd / $lanes * $lanes;
                     for i in 0..R {
+                        let sums = $sums(&acc[i]);
                         for c in 0..C {
-                            let mut lanes = [0f32; $lanes];
-                            $store(lanes.as_mut_ptr(), acc[i][c]);
-                            let key = std::slice::from_raw_parts(kp[c], hd);
-                            *o.add(i * stride + c0 + c) = finish::<$lanes, E>(&lanes, q[i], key);
+                            // Then the tail, in order, as `dot` ends.
+                            let mut s = sums[c];
+                            for x in full..hd {
+                                s += *qp[i].add(x) * (*kp[c].add(x)).widen();
+                            }
+                            *o.add(i * stride + c0 + c) = s;
                         }
                     }
                     c0 += C;
@@ -256,7 +297,7 @@ mod x86 {
         _mm256_loadu_ps,
         load8,
         _mm256_fmadd_ps,
-        _mm256_storeu_ps,
+        lane_sums8,
         "avx2,fma"
     );
     score_kernel!(
@@ -268,7 +309,7 @@ mod x86 {
         _mm512_loadu_ps,
         load16,
         _mm512_fmadd_ps,
-        _mm512_storeu_ps,
+        lane_sums16,
         "avx512f,avx2,fma"
     );
 

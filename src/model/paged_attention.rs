@@ -722,7 +722,7 @@ mod tests {
         rng: &mut rand_chacha::ChaCha8Rng,
     ) {
         for &(heads, kv_heads) in &[(2, 1), (4, 2), (14, 2), (8, 8), (16, 8), (12, 2)] {
-            for &hd in &[64, 80, 128, 24] {
+            for &hd in &[64, 80, 128, 24, 36] {
                 for &bs in &[1, 4, 16] {
                     let (offset, len): (usize, usize) =
                         (rng.random_range(0..40), rng.random_range(1..20));
