@@ -58,7 +58,7 @@ pub(super) fn scores<const L: usize, const FMA: bool, E: KvElement>(
     hd: usize,
     out: &mut [f32],
     stride: usize,
-    prefetch: &Prefetch<'_, E>,
+    prefetch: Option<&Prefetch<'_, E>>,
 ) {
     let n = keys.len() / hd.max(1);
     assert!(q.len() <= score_rows::<L>() && q.iter().all(|r| r.len() == hd));
@@ -83,7 +83,9 @@ pub(super) fn scores<const L: usize, const FMA: bool, E: KvElement>(
     }
     for c in tiled..n {
         let key = &keys[c * hd..][..hd];
-        prefetch.row(c);
+        if let Some(p) = prefetch {
+            p.row(c);
+        }
         for (i, row) in q.iter().enumerate() {
             out[i * stride + c] = dot::<L, FMA, E>(row, key);
         }
@@ -220,7 +222,7 @@ mod x86 {
                 hd: usize,
                 out: &mut [f32],
                 stride: usize,
-                prefetch: &Prefetch<'_, E>,
+                prefetch: Option<&Prefetch<'_, E>>,
             ) {
                 match q.len() {
                     $($rows => $name::<$rows, E>(q, keys, hd, out, stride, prefetch),)*
@@ -237,7 +239,7 @@ mod x86 {
                 hd: usize,
                 out: &mut [f32],
                 stride: usize,
-                prefetch: &Prefetch<'_, E>,
+                prefetch: Option<&Prefetch<'_, E>>,
             ) {
                 const C: usize = SCORE_COLS;
                 let n = keys.len() / hd;
@@ -250,7 +252,9 @@ mod x86 {
                 while c0 + C <= n {
                     let mut kp = [std::ptr::null::<E>(); C];
                     for c in 0..C {
-                        prefetch.row(c0 + c);
+                        if let Some(p) = prefetch {
+                            p.row(c0 + c);
+                        }
                         kp[c] = keys.as_ptr().add((c0 + c) * hd);
                     }
                     let mut acc = [[$zero(); C]; R];

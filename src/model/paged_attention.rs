@@ -297,7 +297,6 @@ impl PagedAttention<'_> {
         let score_rows = tiles::score_rows::<L>();
         // Pairs of a tile all see the positions its first pair sees.
         let common = |r: usize, tile: usize| sees(r / tile * tile);
-        let no_prefetch = Prefetch::new(k, None, None, hd);
         for (b, &(first, row, len)) in runs.iter().enumerate() {
             let ahead = Prefetch::new(k, block_after(b, 1), block_after(b, 2), hd);
             let keys = &k[row * hd..][..len * hd];
@@ -315,7 +314,7 @@ impl PagedAttention<'_> {
                     hd,
                     &mut scores[r * visible + first..],
                     visible,
-                    if r == 0 { &ahead } else { &no_prefetch },
+                    (r == 0).then_some(&ahead),
                 );
                 r += rows;
             }
