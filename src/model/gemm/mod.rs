@@ -30,9 +30,15 @@
 //! per chunk and the activations from L3 rather than memory. The blocking
 //! only decides where an output is computed, never how: each output is one
 //! tile's fixed reduction over all of `k`.
+//!
+//! On AVX2, products of many rows (prefill steps) run outer-product tiles
+//! over packed operands instead (`outer`), which compute the same 8-lane
+//! reduction one lane per pass: the same bits, faster where packing pays.
 //! Dispatch is by [`Simd`] at run time; a new backend adds a tile kernel
 //! with the same reduction.
 
+#[cfg(target_arch = "x86_64")]
+mod outer;
 mod portable;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -187,10 +193,18 @@ pub(crate) fn matmul_t_with(
     if m == 0 || n == 0 {
         return;
     }
+    let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Simd::Avx2 && m >= outer::MIN_ROWS {
+        // SAFETY: the CPU has AVX2 and FMA (`isa` is at most what it has);
+        // the sizes were checked above and `out` is ours alone. (It packs
+        // the rows itself: no padding needed.)
+        unsafe { outer::matmul_t(x, k, m, k, w, n, out_ptr) };
+        return;
+    }
     let (tile_rows, tile_cols) = tile_shape(isa);
     let (x, stride) = padded_rows(x, m, k);
     let x = &x;
-    let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
     let weight_bytes = if w.is_bf16() { 2 } else { 4 };
     let (chunk_cols, panel_rows) = task_shape(k, weight_bytes, (tile_rows, tile_cols));
     let panels = m.div_ceil(panel_rows);
