@@ -31,9 +31,10 @@
 //! only decides where an output is computed, never how: each output is one
 //! tile's fixed reduction over all of `k`.
 //!
-//! On AVX2, products of many rows (prefill steps) run outer-product tiles
-//! over packed operands instead (`outer`), which compute the same 8-lane
-//! reduction one lane per pass: the same bits, faster where packing pays.
+//! On AVX2, products of many rows (prefill, decode of many sequences) run
+//! outer-product tiles over packed operands instead (`outer`), which
+//! compute the same 8-lane reduction one lane per pass: the same bits,
+//! faster where packing pays.
 //! Dispatch is by [`Simd`] at run time; a new backend adds a tile kernel
 //! with the same reduction.
 
@@ -199,7 +200,7 @@ pub(crate) fn matmul_t_with(
         // SAFETY: the CPU has AVX2 and FMA (`isa` is at most what it has);
         // the sizes were checked above and `out` is ours alone. (It packs
         // the rows itself: no padding needed.)
-        unsafe { outer::matmul_t(x, k, m, k, w, n, out_ptr) };
+        unsafe { outer::matmul_t(x, m, k, w, n, out_ptr) };
         return;
     }
     let (tile_rows, tile_cols) = tile_shape(isa);

@@ -83,16 +83,15 @@ impl Rows {
     }
 }
 
-/// `out[i, j] = sum_k x[i, k] * w[j, k]` for `m >= 1` rows `stride` floats
-/// apart, with the AVX2 dot tiles' reduction.
+/// `out[i, j] = sum_k x[i, k] * w[j, k]` for `m >= 1` rows, with the AVX2
+/// dot tiles' reduction.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `x` holds `m` rows of `k` values `stride`
-/// apart, `w` holds `n` rows of `k` values, and `out` has `m * n` writable
-/// values no one else touches during the call.
+/// The CPU has AVX2 and FMA; `x` holds `m` rows of `k` values, `w` holds
+/// `n` rows of `k` values, and `out` has `m * n` writable values no one
+/// else touches during the call.
 pub(super) unsafe fn matmul_t(
     x: &[f32],
-    stride: usize,
     m: usize,
     k: usize,
     w: Weights<'_>,
@@ -101,7 +100,7 @@ pub(super) unsafe fn matmul_t(
 ) {
     let rows = Rows {
         x: x.as_ptr(),
-        stride,
+        stride: k,
         m,
     };
     let strips = n.div_ceil(STRIP);
