@@ -25,6 +25,7 @@
 // Register tiles are indexed by row and column on purpose.
 #![allow(clippy::needless_range_loop)]
 
+use super::x86::load8;
 use super::{OutPtr, Weights};
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -294,18 +295,6 @@ unsafe fn pack_strip(w: Weights<'_>, k: usize, j0: usize, cols: usize, buf: &mut
                 };
             }
         }
-    }
-}
-
-/// Eight weights of `row` from value `at`, widened to f32.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn load8<const BF16: bool>(row: *const u8, at: usize) -> __m256 {
-    if BF16 {
-        let half = _mm_loadu_si128(row.add(2 * at) as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
-    } else {
-        _mm256_loadu_ps(row.add(4 * at) as *const f32)
     }
 }
 

@@ -28,7 +28,7 @@ unsafe fn load16<const BF16: bool>(row: *const u8, at: usize) -> __m512 {
 /// Eight weights of `row` from value `at`, widened to f32.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load8<const BF16: bool>(row: *const u8, at: usize) -> __m256 {
+pub(super) unsafe fn load8<const BF16: bool>(row: *const u8, at: usize) -> __m256 {
     if BF16 {
         let half = _mm_loadu_si128(row.add(2 * at) as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
