@@ -106,24 +106,28 @@ pub(super) unsafe fn matmul_t(
     };
     let strips = n.div_ceil(STRIP);
     let panel_rows = (PANEL_BYTES / (4 * k.max(1)) / TILE_ROWS * TILE_ROWS).max(MIN_PANEL);
-    PANEL_BUF.with_borrow_mut(|panel| {
-        for m0 in (0..m).step_by(panel_rows) {
-            let m1 = (m0 + panel_rows).min(m);
-            pack_panel(rows, m0, m1, k, panel);
-            let panel = &panel[..];
-            (0..strips).into_par_iter().for_each(|s| {
-                let (j0, cols) = (s * STRIP, STRIP.min(n - s * STRIP));
-                STRIP_BUF.with_borrow_mut(|(strip, sums)| {
-                    // SAFETY: as for this function; rows j0..j0 + cols exist;
-                    // this task alone writes rows m0..m1 of those columns.
-                    unsafe {
-                        pack_strip(w, k, j0, cols, strip);
-                        strip_product(rows, m0, m1, k, panel, strip, sums, out, n, j0, cols);
-                    }
-                });
+    // Taken, not borrowed: while this thread waits for the strips below it
+    // may run another product's task (a LoRA group's, say), which then
+    // packs into a buffer of its own.
+    let mut panel = PANEL_BUF.take();
+    for m0 in (0..m).step_by(panel_rows) {
+        let m1 = (m0 + panel_rows).min(m);
+        pack_panel(rows, m0, m1, k, &mut panel);
+        let panel = &panel[..];
+        (0..strips).into_par_iter().for_each(|s| {
+            let (j0, cols) = (s * STRIP, STRIP.min(n - s * STRIP));
+            // Held only by code that starts no parallel work.
+            STRIP_BUF.with_borrow_mut(|(strip, sums)| {
+                // SAFETY: as for this function; rows j0..j0 + cols exist;
+                // this task alone writes rows m0..m1 of those columns.
+                unsafe {
+                    pack_strip(w, k, j0, cols, strip);
+                    strip_product(rows, m0, m1, k, panel, strip, sums, out, n, j0, cols);
+                }
             });
-        }
-    });
+        });
+    }
+    PANEL_BUF.set(panel);
 }
 
 /// Rows `m0..m1` of `x` in pass order: for each pass `l`, each tile of 6

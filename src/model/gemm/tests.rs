@@ -120,6 +120,28 @@ fn bf16_weights_give_the_f32_results_of_the_same_values() {
     }
 }
 
+/// Products started from inside parallel tasks (as LoRA groups do), many
+/// at once, so a thread waiting on one product's tasks may run another's:
+/// each still gives the bits it gives alone.
+#[test]
+fn products_nested_in_parallel_tasks_give_their_bits_alone() {
+    use rayon::prelude::*;
+    let (m, k, n) = (150, 300, 70);
+    let w = values(11, n * k);
+    for isa in kernels() {
+        let alone: Vec<Vec<f32>> = (0..16)
+            .map(|s| run(isa, &values(100 + s, m * k), m, k, Weights::F32(&w), n))
+            .collect();
+        let nested: Vec<Vec<f32>> = (0..16)
+            .into_par_iter()
+            .map(|s| run(isa, &values(100 + s, m * k), m, k, Weights::F32(&w), n))
+            .collect();
+        for (a, b) in alone.iter().zip(&nested) {
+            assert_eq!(bits(a), bits(b), "{isa:?}");
+        }
+    }
+}
+
 /// The portable reduction of `isa`'s width, one output at a time.
 fn reference(isa: Simd, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(m * n);
