@@ -69,7 +69,8 @@ thread_local! {
 #[derive(Clone, Copy)]
 struct Rows {
     x: *const f32,
-    stride: usize,
+    /// Values per row (`k`).
+    len: usize,
     m: usize,
 }
 // SAFETY: only read while the call that owns the slice runs.
@@ -80,7 +81,7 @@ impl Rows {
     /// Row `i`, or the last row past the end (a padded tile's rows, whose
     /// outputs are dropped).
     fn row(self, i: usize) -> *const f32 {
-        self.x.wrapping_add(i.min(self.m - 1) * self.stride)
+        self.x.wrapping_add(i.min(self.m - 1) * self.len)
     }
 }
 
@@ -101,7 +102,7 @@ pub(super) unsafe fn matmul_t(
 ) {
     let rows = Rows {
         x: x.as_ptr(),
-        stride: k,
+        len: k,
         m,
     };
     let strips = n.div_ceil(STRIP);
