@@ -31,10 +31,10 @@
 //! only decides where an output is computed, never how: each output is one
 //! tile's fixed reduction over all of `k`.
 //!
-//! On AVX2, products of many rows (prefill, decode of many sequences) run
-//! outer-product tiles over packed operands instead (`outer`), which
-//! compute the same 8-lane reduction one lane per pass: the same bits,
-//! faster where packing pays.
+//! On AVX2 and AVX-512, products of many rows (prefill, decode of many
+//! sequences) run outer-product tiles over packed operands instead
+//! (`outer`), which compute the same 8- or 16-lane reduction one lane per
+//! pass: the same bits, faster where packing pays.
 //! Dispatch is by [`Simd`] at run time; a new backend adds a tile kernel
 //! with the same reduction.
 
@@ -196,12 +196,22 @@ pub(crate) fn matmul_t_with(
     }
     let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
     #[cfg(target_arch = "x86_64")]
-    if isa == Simd::Avx2 && m >= outer::MIN_ROWS {
-        // SAFETY: the CPU has AVX2 and FMA (`isa` is at most what it has);
-        // the sizes were checked above and `out` is ours alone. (It packs
-        // the rows itself: no padding needed.)
-        unsafe { outer::matmul_t(x, m, k, w, n, out_ptr) };
-        return;
+    {
+        use outer::Tiles;
+        // SAFETY (both): the CPU has `isa` (at most what it has), and AVX2
+        // and FMA with it; the sizes were checked above and `out` is ours
+        // alone. (They pack the rows themselves: no padding needed.)
+        match isa {
+            Simd::Avx512 if m >= outer::Avx512::MIN_ROWS => {
+                unsafe { outer::matmul_t::<outer::Avx512>(x, m, k, w, n, out_ptr) };
+                return;
+            }
+            Simd::Avx2 if m >= outer::Avx2::MIN_ROWS => {
+                unsafe { outer::matmul_t::<outer::Avx2>(x, m, k, w, n, out_ptr) };
+                return;
+            }
+            _ => {}
+        }
     }
     let (tile_rows, tile_cols) = tile_shape(isa);
     let (x, stride) = padded_rows(x, m, k);

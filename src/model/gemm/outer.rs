@@ -1,26 +1,27 @@
-//! Products of many rows on AVX2 (prefill steps, and decode steps of many
-//! sequences): outer-product register tiles over
-//! packed copies of the activations and of 16 weight rows, computing
-//! exactly the 8-lane reduction of [`super`] that the dot-product tiles
-//! compute, so an output is the same bits whichever of the two its row
-//! count picks.
+//! Products of many rows on AVX2 and AVX-512 (prefill steps, and decode
+//! steps of many sequences): outer-product register tiles over packed
+//! copies of the activations and of a strip of weight rows, computing
+//! exactly the `L`-lane reduction of [`super`] that the dot-product tiles
+//! of the same instruction set compute, so an output is the same bits
+//! whichever of the two its row count picks.
 //!
 //! A dot-product tile keeps one register per output and sums its lanes at
-//! the end; an outer-product tile keeps sixteen outputs in two registers
-//! per row and needs no horizontal sums, but it multiplies one `k` at a
-//! time. So lane `l` of every output (the chain over `k = 8c + l`) becomes
-//! its own pass: pass `l` runs that chain, in order of `c`, for 6 rows x 16
-//! outputs; the fixed tree adds the eight passes' sums; the tail (`k % 8`
-//! products, in order) is fused on last, as in the dot tiles.
+//! the end; an outer-product tile keeps a register's worth of outputs per
+//! register and needs no horizontal sums, but it multiplies one `k` at a
+//! time. So lane `l` of every output (the chain over `k = Lc + l`) becomes
+//! its own pass: pass `l` runs that chain, in order of `c`, for a tile of
+//! [`Tiles::ROWS`] rows x [`Tiles::STRIP`] outputs; the fixed tree adds the
+//! `L` passes' sums ([`Tree`]); the tail (`k % L` products, in order) is
+//! fused on last, as in the dot tiles.
 //!
 //! Both operands are packed in pass order: a panel of activation rows once
 //! per call ([`pack_panel`]; a long prefill has a few panels), a strip of
-//! 16 weight rows once per task ([`pack_strip`]). Each pass's slice of the
-//! strip (16 x k/8 values) then stays in L1 while every tile of the panel
-//! goes by, reading that pass's activations as one stream. Packing the strip
-//! costs about what a few dozen rows of multiply-adds do, so this path
-//! takes products from [`MIN_ROWS`] rows on; fewer rows go to the dot
-//! tiles.
+//! weight rows once per task ([`pack_strip`]). Each pass's slice of the
+//! strip (`STRIP x k/L` values) then stays in L1 while every tile of the
+//! panel goes by, reading that pass's activations as one stream. Packing
+//! the strip costs about what a few dozen rows of multiply-adds do, so this
+//! path takes products from [`Tiles::MIN_ROWS`] rows on; fewer rows go to
+//! the dot tiles.
 
 // Register tiles are indexed by row and column on purpose.
 #![allow(clippy::needless_range_loop)]
@@ -31,38 +32,109 @@ use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-/// Activation rows from which a product runs here rather than in the dot
-/// tiles. On the 2-core AVX2 EPYC, GFLOP/s over one layer's projections of
-/// the 0.6B shape (four layers, weights from memory), the two alternating
-/// in one process: the dot tiles were 1.1-1.6x faster at 8 and 16 rows,
-/// level at 24 and 32; this was 1.08-1.3x faster at 48-96 rows and
-/// 1.25-1.5x at 256-2,048, f32 and bf16 weights alike.
-pub(super) const MIN_ROWS: usize = 48;
+/// One instruction set's outer-product tile: [`Tiles::ROWS`] activation rows
+/// by [`Tiles::STRIP`] outputs, one lane of its `L`-lane reduction a pass.
+pub(super) trait Tiles {
+    /// Lanes of the reduction (the dot tiles' register width).
+    const L: usize;
+    /// Weight rows (outputs) per packed strip, a multiple of 8.
+    const STRIP: usize;
+    /// Activation rows per register tile.
+    const ROWS: usize;
+    /// Activation rows from which a product runs here rather than in the
+    /// dot tiles (measured: see each implementation).
+    const MIN_ROWS: usize;
 
-/// Weight rows (outputs) per packed strip: two registers.
-const STRIP: usize = 16;
-/// Activation rows per register tile: 12 accumulators, 2 weight registers
-/// and a broadcast, 15 of AVX2's 16.
-const TILE_ROWS: usize = 6;
-/// Lanes of the AVX2 reduction.
-const L: usize = 8;
+    /// One pass: the chain over `c` in `0..groups` of one lane for the
+    /// tile, from packed activations `x` (`ROWS` per `c`) and weights `w`
+    /// (`STRIP` per `c`), starting from zero; the sums go to `acc`, row by
+    /// row (`ROWS * STRIP` values).
+    ///
+    /// # Safety
+    /// The CPU has the instruction set; the pointers hold those values.
+    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32);
+}
+
+/// AVX2: 6 rows x 16 outputs, 12 accumulators, 2 weight registers and a
+/// broadcast (15 of 16 registers), 8 loads per 12 multiply-adds.
+pub(super) struct Avx2;
+
+impl Tiles for Avx2 {
+    const L: usize = 8;
+    const STRIP: usize = 16;
+    const ROWS: usize = 6;
+    /// On the 2-core AVX2 EPYC, GFLOP/s over one layer's projections of the
+    /// 0.6B shape (four layers, weights from memory), the two alternating in
+    /// one process: the dot tiles were 1.1-1.6x faster at 8 and 16 rows,
+    /// level at 24 and 32; this was 1.08-1.3x faster at 48-96 rows and
+    /// 1.25-1.5x at 256-2,048, f32 and bf16 weights alike.
+    const MIN_ROWS: usize = 48;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32) {
+        const R: usize = Avx2::ROWS;
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        for c in 0..groups {
+            let w0 = _mm256_loadu_ps(w.add(c * 16));
+            let w1 = _mm256_loadu_ps(w.add(c * 16 + 8));
+            for i in 0..R {
+                let xb = _mm256_broadcast_ss(&*x.add(c * R + i));
+                a[i][0] = _mm256_fmadd_ps(w0, xb, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(w1, xb, a[i][1]);
+            }
+        }
+        for i in 0..R {
+            _mm256_storeu_ps(acc.add(i * 16), a[i][0]);
+            _mm256_storeu_ps(acc.add(i * 16 + 8), a[i][1]);
+        }
+    }
+}
+
+/// AVX-512: 12 rows x 32 outputs, 24 accumulators and 2 weight registers,
+/// the activations broadcast from memory: 14 loads per 24 multiply-adds.
+pub(super) struct Avx512;
+
+impl Tiles for Avx512 {
+    const L: usize = 16;
+    const STRIP: usize = 32;
+    const ROWS: usize = 12;
+    /// On the 2-core AVX-512 EPYC (Zen 4), the same measure as for AVX2:
+    /// the dot tiles were 1.3x faster at 8 rows and level at 16; this was
+    /// 1.4-1.6x faster at 24-40 rows and 2.2-2.5x at 48-1,024. From 20
+    /// rows a tile's padding costs less than that.
+    const MIN_ROWS: usize = 20;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32) {
+        const R: usize = Avx512::ROWS;
+        let mut a = [[_mm512_setzero_ps(); 2]; R];
+        for c in 0..groups {
+            let w0 = _mm512_loadu_ps(w.add(c * 32));
+            let w1 = _mm512_loadu_ps(w.add(c * 32 + 16));
+            for i in 0..R {
+                let xb = _mm512_set1_ps(*x.add(c * R + i));
+                a[i][0] = _mm512_fmadd_ps(w0, xb, a[i][0]);
+                a[i][1] = _mm512_fmadd_ps(w1, xb, a[i][1]);
+            }
+        }
+        for i in 0..R {
+            _mm512_storeu_ps(acc.add(i * 32), a[i][0]);
+            _mm512_storeu_ps(acc.add(i * 32 + 16), a[i][1]);
+        }
+    }
+}
+
 /// A panel's packed activation rows take at most this many bytes (a pass
-/// reads an eighth of them, from L2 or L3), but at least [`MIN_PANEL`]
-/// rows: each strip is packed again for every panel.
+/// reads `1/L` of them, from L2 or L3), but at least 16 tiles' rows: each
+/// strip is packed again for every panel.
 const PANEL_BYTES: usize = 4 << 20;
-const MIN_PANEL: usize = 16 * TILE_ROWS;
-/// The passes in the order the tree adds them: 0 and 4 go into one sum,
-/// then 1 and 5, 2 and 6, 3 and 7, so a tile keeps four sums, not eight.
-const PASS_ORDER: [usize; L] = [0, 4, 1, 5, 2, 6, 3, 7];
-
-/// A tile's accumulators: rows, then outputs 0..8 and 8..16.
-type Acc = [[__m256; 2]; TILE_ROWS];
 
 thread_local! {
     /// The calling thread's packed activation panel.
     static PANEL_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Each worker's packed strip and its tiles' pass sums, reused task to task.
-    static STRIP_BUF: RefCell<(Vec<f32>, Vec<Acc>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Each worker's packed strip and its tiles' partial sums, reused task
+    /// to task.
+    static STRIP_BUF: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Activation rows, shared with the strip tasks (read only).
@@ -85,14 +157,14 @@ impl Rows {
     }
 }
 
-/// `out[i, j] = sum_k x[i, k] * w[j, k]` for `m >= 1` rows, with the AVX2
-/// dot tiles' reduction.
+/// `out[i, j] = sum_k x[i, k] * w[j, k]` for `m >= 1` rows, with `T`'s dot
+/// tiles' reduction.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `x` holds `m` rows of `k` values, `w` holds
-/// `n` rows of `k` values, and `out` has `m * n` writable values no one
-/// else touches during the call.
-pub(super) unsafe fn matmul_t(
+/// The CPU has AVX2, FMA and `T`'s instruction set; `x` holds `m` rows of
+/// `k` values, `w` holds `n` rows of `k` values, and `out` has `m * n`
+/// writable values no one else touches during the call.
+pub(super) unsafe fn matmul_t<T: Tiles>(
     x: &[f32],
     m: usize,
     k: usize,
@@ -105,25 +177,25 @@ pub(super) unsafe fn matmul_t(
         len: k,
         m,
     };
-    let strips = n.div_ceil(STRIP);
-    let panel_rows = (PANEL_BYTES / (4 * k.max(1)) / TILE_ROWS * TILE_ROWS).max(MIN_PANEL);
+    let strips = n.div_ceil(T::STRIP);
+    let panel_rows = (PANEL_BYTES / (4 * k.max(1)) / T::ROWS * T::ROWS).max(16 * T::ROWS);
     // Taken, not borrowed: while this thread waits for the strips below it
     // may run another product's task (a LoRA group's, say), which then
     // packs into a buffer of its own.
     let mut panel = PANEL_BUF.take();
     for m0 in (0..m).step_by(panel_rows) {
         let m1 = (m0 + panel_rows).min(m);
-        pack_panel(rows, m0, m1, k, &mut panel);
+        pack_panel::<T>(rows, m0, m1, k, &mut panel);
         let panel = &panel[..];
         (0..strips).into_par_iter().for_each(|s| {
-            let (j0, cols) = (s * STRIP, STRIP.min(n - s * STRIP));
+            let (j0, cols) = (s * T::STRIP, T::STRIP.min(n - s * T::STRIP));
             // Held only by code that starts no parallel work.
             STRIP_BUF.with_borrow_mut(|(strip, sums)| {
                 // SAFETY: as for this function; rows j0..j0 + cols exist;
                 // this task alone writes rows m0..m1 of those columns.
                 unsafe {
-                    pack_strip(w, k, j0, cols, strip);
-                    strip_product(rows, m0, m1, k, panel, strip, sums, out, n, j0, cols);
+                    pack_strip::<T>(w, k, j0, cols, strip);
+                    strip_product::<T>(rows, (m0, m1), k, panel, strip, sums, out, n, (j0, cols));
                 }
             });
         });
@@ -131,14 +203,14 @@ pub(super) unsafe fn matmul_t(
     PANEL_BUF.set(panel);
 }
 
-/// Rows `m0..m1` of `x` in pass order: for each pass `l`, each tile of 6
-/// rows and `c` in `0..k / 8`, the 6 values `x[i][8c + l]` (rows past `m1`
-/// repeat the last; their outputs are dropped).
-fn pack_panel(rows: Rows, m0: usize, m1: usize, k: usize, buf: &mut Vec<f32>) {
-    let c8 = k / L;
-    let tiles = (m1 - m0).div_ceil(TILE_ROWS);
-    let per_pass = tiles * c8 * TILE_ROWS;
-    buf.resize(L * per_pass, 0.0);
+/// Rows `m0..m1` of `x` in pass order: for each pass `l`, each tile of
+/// `ROWS` rows and `c` in `0..k / L`, the values `x[i][Lc + l]` of the
+/// tile's rows (rows past `m1` repeat the last; their outputs are dropped).
+fn pack_panel<T: Tiles>(rows: Rows, m0: usize, m1: usize, k: usize, buf: &mut Vec<f32>) {
+    let groups = k / T::L;
+    let tiles = (m1 - m0).div_ceil(T::ROWS);
+    let per_pass = tiles * groups * T::ROWS;
+    buf.resize(T::L * per_pass, 0.0);
     if per_pass == 0 {
         return;
     }
@@ -146,154 +218,172 @@ fn pack_panel(rows: Rows, m0: usize, m1: usize, k: usize, buf: &mut Vec<f32>) {
     buf.par_chunks_mut(per_pass)
         .enumerate()
         .for_each(|(l, pass)| {
-            for (t, tile) in pass.chunks_exact_mut(c8 * TILE_ROWS).enumerate() {
-                let src: [*const f32; TILE_ROWS] =
-                    std::array::from_fn(|i| rows.row((m0 + t * TILE_ROWS + i).min(m1 - 1)));
-                for (c, values) in tile.chunks_exact_mut(TILE_ROWS).enumerate() {
-                    for (v, x) in values.iter_mut().zip(src) {
-                        // SAFETY: 8c + l < k, inside the row.
-                        *v = unsafe { *x.add(c * L + l) };
+            for (t, tile) in pass.chunks_exact_mut(groups * T::ROWS).enumerate() {
+                let i0 = m0 + t * T::ROWS;
+                for (c, values) in tile.chunks_exact_mut(T::ROWS).enumerate() {
+                    for (i, v) in values.iter_mut().enumerate() {
+                        let x = rows.row((i0 + i).min(m1 - 1));
+                        // SAFETY: Lc + l < k, inside the row.
+                        *v = unsafe { *x.add(c * T::L + l) };
                     }
                 }
             }
         });
 }
 
+/// The fixed tree over the passes' sums (`super::finish`: lanes `l` and
+/// `l + L/2` first, then `L/4` apart, ...), built as the passes finish.
+/// Run in bit-reversed lane order, the tree's leaves come in left to right,
+/// so each new sum joins its finished neighbours like a binary counter and
+/// a tile keeps `log2 L` partial sums, not `L`.
+struct Tree {
+    depth: usize,
+}
+
+impl Tree {
+    fn new(lanes: usize) -> Tree {
+        debug_assert!(lanes.is_power_of_two());
+        Tree {
+            depth: lanes.trailing_zeros() as usize,
+        }
+    }
+
+    /// The lane of pass `p`: `p`'s bits reversed.
+    fn lane(&self, p: usize) -> usize {
+        p.reverse_bits() >> (usize::BITS as usize - self.depth)
+    }
+
+    /// Adds pass `p`'s sums (`acc`) into the tree kept in `slots` (`depth`
+    /// slots of `acc.len()`); after the last pass slot 0 holds the root.
+    #[inline(always)]
+    fn push(&self, p: usize, acc: &mut [f32], slots: &mut [f32]) {
+        let len = acc.len();
+        let mut level = 0;
+        while p >> level & 1 == 1 {
+            // IEEE addition commutes: the operands' order cannot matter.
+            for (a, s) in acc.iter_mut().zip(&slots[level * len..(level + 1) * len]) {
+                *a += *s;
+            }
+            level += 1;
+        }
+        let level = level % self.depth;
+        slots[level * len..(level + 1) * len].copy_from_slice(acc);
+    }
+}
+
 /// Columns `j0..j0 + cols` of rows `m0..m1`: every tile's passes over the
-/// packed strip, pass by pass (a pass's 16 x k/8 weights stay in L1 while
-/// the tiles go by), then each tile's tree and tail.
+/// packed strip, pass by pass (a pass's `STRIP x k/L` weights stay in L1
+/// while the tiles go by), then each tile's tail.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `panel` and `strip` were packed for these
-/// rows, columns and `k`; `out` as for [`matmul_t`].
+/// The CPU has AVX2, FMA and `T`'s set; `panel` and `strip` were packed for
+/// these rows, columns and `k`; `out` as for [`matmul_t`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn strip_product(
+unsafe fn strip_product<T: Tiles>(
     rows: Rows,
-    m0: usize,
-    m1: usize,
+    (m0, m1): (usize, usize),
     k: usize,
     panel: &[f32],
     strip: &[f32],
-    sums: &mut Vec<Acc>,
+    sums: &mut Vec<f32>,
     out: OutPtr,
     n: usize,
-    j0: usize,
-    cols: usize,
+    (j0, cols): (usize, usize),
 ) {
-    let c8 = k / L;
-    let tiles = (m1 - m0).div_ceil(TILE_ROWS);
+    let (groups, s) = (k / T::L, T::STRIP);
+    let tiles = (m1 - m0).div_ceil(T::ROWS);
+    let tile = T::ROWS * s;
+    let tree = Tree::new(T::L);
+    let per_tile = tree.depth * tile;
+    // The tiles' partial sums, then one pass's.
     sums.clear();
-    sums.resize(tiles * 4, [[_mm256_setzero_ps(); 2]; TILE_ROWS]);
+    sums.resize(tiles * per_tile + tile, 0.0);
+    let (slots, acc) = sums.split_at_mut(tiles * per_tile);
     let (xp, wp) = (panel.as_ptr(), strip.as_ptr());
-    for (at, &l) in PASS_ORDER.iter().enumerate() {
-        let w = wp.add(l * c8 * STRIP);
+    for p in 0..T::L {
+        let l = tree.lane(p);
+        let w = wp.add(l * groups * s);
         for t in 0..tiles {
-            let x = xp.add((l * tiles + t) * c8 * TILE_ROWS);
-            let acc = pass(x, w, c8);
-            let sum = &mut sums[t * 4 + at / 2];
-            if at % 2 == 0 {
-                *sum = acc;
-            } else {
-                // s4[l] = lanes[l] + lanes[l + 4].
-                for i in 0..TILE_ROWS {
-                    for h in 0..2 {
-                        sum[i][h] = _mm256_add_ps(sum[i][h], acc[i][h]);
-                    }
-                }
-            }
+            let x = xp.add((l * tiles + t) * groups * T::ROWS);
+            T::pass(x, w, groups, acc.as_mut_ptr());
+            tree.push(p, acc, &mut slots[t * per_tile..(t + 1) * per_tile]);
         }
     }
-    let mut row = [0f32; STRIP];
     for t in 0..tiles {
-        let s4 = &sums[t * 4..t * 4 + 4];
-        let i0 = m0 + t * TILE_ROWS;
-        for i in 0..TILE_ROWS.min(m1 - i0) {
+        let root = &slots[t * per_tile..t * per_tile + tile];
+        let i0 = m0 + t * T::ROWS;
+        for i in 0..T::ROWS.min(m1 - i0) {
             let x = rows.row(i0 + i);
-            for h in 0..2 {
-                // The rest of `super::finish`'s tree, then the tail in order.
-                let s2 = [
-                    _mm256_add_ps(s4[0][i][h], s4[2][i][h]),
-                    _mm256_add_ps(s4[1][i][h], s4[3][i][h]),
-                ];
-                let mut s = _mm256_add_ps(s2[0], s2[1]);
-                for kk in c8 * L..k {
-                    let wt = _mm256_loadu_ps(wp.add(kk * STRIP + h * 8));
-                    s = _mm256_fmadd_ps(wt, _mm256_broadcast_ss(&*x.add(kk)), s);
+            for j in 0..cols {
+                // The tail, in order, as the dot tiles fuse it.
+                let mut v = root[i * s + j];
+                for kk in groups * T::L..k {
+                    v = strip[kk * s + j].mul_add(*x.add(kk), v);
                 }
-                _mm256_storeu_ps(row.as_mut_ptr().add(h * 8), s);
-            }
-            for (r, &v) in row.iter().enumerate().take(cols) {
-                out.write((i0 + i) * n + j0 + r, v);
+                out.write((i0 + i) * n + j0 + j, v);
             }
         }
     }
-}
-
-/// One pass: 6 rows x 16 outputs, the chain over `c` of one lane, from
-/// packed activations `x` (6 per `c`) and weights `w` (16 per `c`).
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pass(x: *const f32, w: *const f32, c8: usize) -> Acc {
-    let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
-    for c in 0..c8 {
-        let w0 = _mm256_loadu_ps(w.add(c * STRIP));
-        let w1 = _mm256_loadu_ps(w.add(c * STRIP + 8));
-        for i in 0..TILE_ROWS {
-            let xb = _mm256_broadcast_ss(&*x.add(c * TILE_ROWS + i));
-            acc[i][0] = _mm256_fmadd_ps(w0, xb, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(w1, xb, acc[i][1]);
-        }
-    }
-    acc
 }
 
 /// Packs weight rows `j0..j0 + cols` into `buf` in pass order: for `l` in
-/// `0..8` and `c` in `0..k / 8`, `w[j0 + j][8c + l]` for `j` in `0..16`;
-/// then the tail, `w[j0 + j][kk]` for each `kk` from `k / 8 * 8`. Rows past
-/// `cols` are zeros (their outputs are dropped). Every value is written, so
-/// a buffer of the right length is reused as it is.
+/// `0..L` and `c` in `0..k / L`, `w[j0 + j][Lc + l]` for `j` in
+/// `0..STRIP`; then the tail, `w[j0 + j][kk]` for each `kk` from
+/// `k / L * L`. Rows past `cols` are zeros (their outputs are dropped).
+/// Every value is written, so a buffer of the right length is reused as it
+/// is.
 ///
 /// # Safety
 /// The CPU has AVX2; `w` has rows `j0..j0 + cols` of `k` values.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_strip(w: Weights<'_>, k: usize, j0: usize, cols: usize, buf: &mut Vec<f32>) {
-    let c8 = k / L;
-    if buf.len() != STRIP * k {
+unsafe fn pack_strip<T: Tiles>(
+    w: Weights<'_>,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    buf: &mut Vec<f32>,
+) {
+    let (groups, s) = (k / T::L, T::STRIP);
+    if buf.len() != s * k {
         buf.clear();
-        buf.resize(STRIP * k, 0.0);
+        buf.resize(s * k, 0.0);
     }
     let dst = buf.as_mut_ptr();
-    for half in 0..STRIP / L {
-        let rows = cols.saturating_sub(half * L).min(L);
+    // Blocks of 8 weight rows by 8 values, each transposed in registers.
+    for jb in (0..s).step_by(8) {
+        let rows = cols.saturating_sub(jb).min(8);
         if rows == 0 {
             for at in 0..k {
-                _mm256_storeu_ps(dst.add(at * STRIP + half * L), _mm256_setzero_ps());
+                _mm256_storeu_ps(dst.add(at * s + jb), _mm256_setzero_ps());
             }
             continue;
         }
-        let mut src = [std::ptr::null::<u8>(); L];
+        let mut src = [std::ptr::null::<u8>(); 8];
         for (j, row) in src.iter_mut().enumerate() {
-            *row = w.row(j0 + half * L + j.min(rows - 1), k);
+            *row = w.row(j0 + jb + j.min(rows - 1), k);
         }
-        for c in 0..c8 {
-            let mut v = [_mm256_setzero_ps(); L];
-            for j in 0..rows {
-                v[j] = if w.is_bf16() {
-                    load8::<true>(src[j], c * L)
-                } else {
-                    load8::<false>(src[j], c * L)
-                };
-            }
-            // v[l] now holds lane l's weight of each row: w[j][8c + l].
-            transpose8(&mut v);
-            for l in 0..L {
-                _mm256_storeu_ps(dst.add((l * c8 + c) * STRIP + half * L), v[l]);
+        for c in 0..groups {
+            for l0 in (0..T::L).step_by(8) {
+                let at = c * T::L + l0;
+                let mut v = [_mm256_setzero_ps(); 8];
+                for j in 0..rows {
+                    v[j] = if w.is_bf16() {
+                        load8::<true>(src[j], at)
+                    } else {
+                        load8::<false>(src[j], at)
+                    };
+                }
+                // v[d] now holds w[j][Lc + l0 + d] of each row j.
+                transpose8(&mut v);
+                for d in 0..8 {
+                    _mm256_storeu_ps(dst.add(((l0 + d) * groups + c) * s + jb), v[d]);
+                }
             }
         }
-        for kk in c8 * L..k {
-            for j in 0..L {
-                *dst.add(kk * STRIP + half * L + j) = if j < rows {
+        for kk in groups * T::L..k {
+            for j in 0..8 {
+                *dst.add(kk * s + jb + j) = if j < rows {
                     super::weight_at(src[j], kk, w.is_bf16())
                 } else {
                     0.0
@@ -331,4 +421,39 @@ unsafe fn transpose8(v: &mut [__m256; 8]) {
     v[5] = _mm256_permute2f128_ps::<0x31>(s1, s5);
     v[6] = _mm256_permute2f128_ps::<0x31>(s2, s6);
     v[7] = _mm256_permute2f128_ps::<0x31>(s3, s7);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{finish, tests::values};
+    use super::Tree;
+
+    /// Pushing lane sums in pass order builds `finish`'s tree: checked on
+    /// sums of mixed magnitudes, where another order of additions would
+    /// round differently.
+    fn builds_finish_tree<const L: usize>() {
+        let tree = Tree::new(L);
+        let mut slots = vec![0f32; tree.depth];
+        for trial in 0..2000u64 {
+            let lanes: [f32; L] = {
+                let v = values(trial, 2 * L);
+                std::array::from_fn(|l| v[l] * f32::powi(2.0, (v[L + l] * 40.0) as i32))
+            };
+            for p in 0..L {
+                tree.push(p, &mut [lanes[tree.lane(p)]], &mut slots);
+            }
+            let want = finish::<L>(&lanes, std::iter::empty());
+            assert_eq!(
+                slots[0].to_bits(),
+                want.to_bits(),
+                "{L} lanes, trial {trial}"
+            );
+        }
+    }
+
+    #[test]
+    fn passes_join_in_the_tree_of_the_dot_tiles() {
+        builds_finish_tree::<8>();
+        builds_finish_tree::<16>();
+    }
 }

@@ -30,9 +30,10 @@ fn kernels() -> Vec<Simd> {
 }
 
 /// Shapes of every class: 1..64 rows and more, `k` and `n` off every
-/// tile and chunk size (16 lanes, 4 x 6 and 2 x 3 tiles, 48-column chunks;
-/// from 128 rows on AVX2, 6 x 16 outer-product tiles over 16-row strips,
-/// with `k` under 8, padded rows (`k` = 1024) and two activation panels).
+/// tile and chunk size (16 lanes, 4 x 6 and 4 x 3 tiles, 48-column chunks;
+/// the outer-product tiles, 6 x 16 on AVX2 from 48 rows and 12 x 32 on
+/// AVX-512 from 20, with `k` under a group of lanes, half-empty strips,
+/// padded rows (`k` = 1024) and two activation panels).
 const SHAPES: [(usize, usize, usize); 15] = [
     (1, 7, 5),
     (1, 1024, 53),
