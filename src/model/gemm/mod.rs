@@ -94,6 +94,10 @@ pub(crate) struct Tile {
     pub cols: usize,
     pub k: usize,
     pub bf16: bool,
+    /// Weights a later task reads, prefetched into L2 as this tile runs,
+    /// `prefetch.1` bytes a step from `prefetch.0` (a hint: it may point
+    /// past the matrix, where nothing is read).
+    pub prefetch: (*const u8, usize),
 }
 
 /// `sums[i][r]`: the output of activation row `i` and weight row `r`.
@@ -143,7 +147,6 @@ fn tile_shape(isa: Simd) -> (usize, usize) {
 
 /// Lanes of the reduction `isa`'s kernel computes (module docs; the tests'
 /// reference picks its width by it).
-#[cfg(test)]
 pub(crate) fn lanes(isa: Simd) -> usize {
     match isa {
         Simd::Avx2 => 8,
@@ -227,10 +230,28 @@ pub(crate) fn matmul_t_with(
             let (n0, n1) = (c * chunk_cols, ((c + 1) * chunk_cols).min(n));
             let (m0, m1) = (p * panel_rows, ((p + 1) * panel_rows).min(m));
             let mut sums: TileSums = [[0.0; MAX_TILE_COLS]; MAX_TILE_ROWS];
+            // While its tiles run, a task prefetches into L2 the weights of
+            // the next chunk (the next task's, mostly this thread's), shared
+            // out over its tiles and their steps: the stream from memory then
+            // overlaps the multiply-adds instead of following them. Worth it
+            // where a task's tiles reuse their weights (more rows than one
+            // tile); one row group is itself a memory stream.
+            let chunk_bytes = (n1 - n0) * k * weight_bytes;
+            let next = w.row(n0, k).wrapping_add(chunk_bytes);
+            let tiles = (m1 - m0).div_ceil(tile_rows) * (n1 - n0).div_ceil(tile_cols);
+            let share = chunk_bytes.div_ceil(tiles).next_multiple_of(64);
+            let per_step = if m1 - m0 > tile_rows {
+                share.div_ceil((k / lanes(isa)).max(1))
+            } else {
+                0
+            };
+            let mut q = 0;
             for i0 in (m0..m1).step_by(tile_rows) {
                 let rows = tile_rows.min(m1 - i0);
                 for j0 in (n0..n1).step_by(tile_cols) {
                     let cols = tile_cols.min(n1 - j0);
+                    let prefetch = (next.wrapping_add(q * share), per_step);
+                    q += 1;
                     // Past the last row or column the tile repeats it; those
                     // sums are dropped.
                     let tile = Tile {
@@ -240,6 +261,7 @@ pub(crate) fn matmul_t_with(
                         cols,
                         k,
                         bf16: w.is_bf16(),
+                        prefetch,
                     };
                     // SAFETY: every pointer starts `k` readable values of its
                     // kind; `isa` is one this CPU has (callers pass `simd()` or

@@ -100,9 +100,11 @@ impl Tiles for Avx512 {
     const ROWS: usize = 12;
     /// On the 2-core AVX-512 EPYC (Zen 4), the same measure as for AVX2:
     /// the dot tiles were 1.3x faster at 8 rows and level at 16; this was
-    /// 1.4-1.6x faster at 24-40 rows and 2.2-2.5x at 48-1,024. From 20
-    /// rows a tile's padding costs less than that.
-    const MIN_ROWS: usize = 20;
+    /// 1.4-1.6x faster at 24-40 rows and 2.2-2.5x at 48-1,024. On a 2-core
+    /// AVX-512 Xeon, once the dot tiles prefetched the next task's weights,
+    /// they were 1.15-1.2x faster at 20 rows, level at 24; this was 1.1x
+    /// faster at 32 rows and 1.35x at 48-64.
+    const MIN_ROWS: usize = 24;
 
     #[target_feature(enable = "avx512f")]
     unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32) {

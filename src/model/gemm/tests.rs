@@ -155,6 +155,7 @@ fn reference(isa: Simd, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize)
                 cols: 1,
                 k,
                 bf16: w.is_bf16(),
+                prefetch: (std::ptr::null(), 0),
             };
             let mut sums: TileSums = [[f32::NAN; MAX_TILE_COLS]; MAX_TILE_ROWS];
             // SAFETY: the pointers start rows of `k` values of their kind.

@@ -13,6 +13,17 @@ use std::arch::x86_64::*;
 /// decode step's few rows leave the kernel waiting on memory.
 const PREFETCH_AHEAD: usize = 512;
 
+/// Prefetches into L2 the cache lines of `region` that start in bytes
+/// `from..to` ([`Tile::prefetch`]).
+#[inline(always)]
+unsafe fn prefetch_l2(region: *const u8, from: usize, to: usize) {
+    let mut at = from.next_multiple_of(64);
+    while at < to {
+        _mm_prefetch::<_MM_HINT_T1>(region.wrapping_add(at) as *const i8);
+        at += 64;
+    }
+}
+
 /// Sixteen weights of `row` from value `at`, widened to f32.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -48,13 +59,22 @@ unsafe fn fold8(s8: __m256) -> f32 {
     _mm_cvtss_f32(s1)
 }
 
-/// The tail of the reduction: the last `k % 16` products, in order.
-#[inline(always)]
-unsafe fn tail(mut s: f32, t: &Tile, i: usize, r: usize, full: usize) -> f32 {
-    for kk in full..t.k {
-        s = weight_at(t.w[r], kk, t.bf16).mul_add(*t.x[i].add(kk), s);
+/// The tail of the reduction, fused onto each folded sum: the last `k %
+/// L` products (from `full`), in order.
+#[inline(never)]
+unsafe fn tails(t: &Tile, sums: &mut TileSums, rows: usize, cols: usize, full: usize) {
+    if full == t.k {
+        return;
     }
-    s
+    for i in 0..rows {
+        for r in 0..cols {
+            let mut s = sums[i][r];
+            for kk in full..t.k {
+                s = weight_at(t.w[r], kk, t.bf16).mul_add(*t.x[i].add(kk), s);
+            }
+            sums[i][r] = s;
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -63,8 +83,10 @@ unsafe fn avx512<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSum
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
     let full = t.k / 16 * 16;
     let esize = if BF16 { 2 } else { 4 };
+    let (pf, per_step) = t.prefetch;
     let mut c = 0;
     while c < full {
+        prefetch_l2(pf, c / 16 * per_step, (c / 16 + 1) * per_step);
         let mut xv = [_mm512_setzero_ps(); MR];
         for i in 0..MR {
             xv[i] = _mm512_loadu_ps(t.x[i].add(c));
@@ -80,14 +102,17 @@ unsafe fn avx512<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSum
         }
         c += 16;
     }
+    // The folds alone first, over constant indices: a loop that also ran
+    // the tails would index `acc` at run time, and the compiler would then
+    // keep it in memory, storing accumulators inside the loop above.
     for i in 0..MR {
         for r in 0..NR {
             let v = acc[i][r];
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-            let s8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-            sums[i][r] = tail(fold8(s8), t, i, r, full);
+            sums[i][r] = fold8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
         }
     }
+    tails(t, sums, MR, NR, full);
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -97,8 +122,10 @@ unsafe fn avx2<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSums)
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     let full = t.k / 8 * 8;
     let esize = if BF16 { 2 } else { 4 };
+    let (pf, per_step) = t.prefetch;
     let mut c = 0;
     while c < full {
+        prefetch_l2(pf, c / 8 * per_step, (c / 8 + 1) * per_step);
         let mut wv = [_mm256_setzero_ps(); NR];
         for r in 0..NR {
             // A cache line of f32 holds 16 values: prefetch every other step.
@@ -117,11 +144,13 @@ unsafe fn avx2<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSums)
         }
         c += 8;
     }
+    // Folds first, then tails (see `avx512`).
     for i in 0..MR {
         for r in 0..NR {
-            sums[i][r] = tail(fold8(acc[i][r]), t, i, r, full);
+            sums[i][r] = fold8(acc[i][r]);
         }
     }
+    tails(t, sums, MR, NR, full);
 }
 
 const _: () = assert!(MAX_TILE_ROWS >= 4 && MAX_TILE_COLS >= 6);
