@@ -156,6 +156,11 @@ fn every_request_bound_is_refused_by_name() {
     let reply = read_reply(&mut s, Duration::from_secs(5));
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("--max-request-bytes"), "{reply}");
+    // The body is left unread: the connection must not carry another request.
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
     let (status, _) = server.post("/pause", &Value::String("x".repeat(2 << 20)));
     assert_eq!(status, 413);

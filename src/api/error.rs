@@ -175,6 +175,20 @@ impl IntoResponse for ApiError {
             // message only (never the body), cut short since it can quote input.
             tracing::warn!(status, error = %log_excerpt(&self.to_string()), "request refused");
         }
-        (self.status(), Json(self.body())).into_response()
+        let unread_body = matches!(
+            self,
+            ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. }
+        );
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if unread_body {
+            // The rest of the body is never read, so this connection cannot
+            // carry another request: say so, or a client that pools
+            // connections sends its next request into a closing socket.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

@@ -47,12 +47,14 @@ pub(super) trait Tiles {
 
     /// One pass: the chain over `c` in `0..groups` of one lane for the
     /// tile, from packed activations `x` (`ROWS` per `c`) and weights `w`
-    /// (`STRIP` per `c`), starting from zero; the sums go to `acc`, row by
-    /// row (`ROWS * STRIP` values).
+    /// (`STRIP` per `c`), starting from zero; then, in registers, the
+    /// tile's partial sums in `slots` (`ROWS * STRIP` values each, row by
+    /// row) at levels `0..join.joins` are added in, in that order, and the
+    /// result stored at level `join.store` ([`Tree`]).
     ///
     /// # Safety
     /// The CPU has the instruction set; the pointers hold those values.
-    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32);
+    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, slots: *mut f32, join: Join);
 }
 
 /// AVX2: 6 rows x 16 outputs, 12 accumulators, 2 weight registers and a
@@ -71,7 +73,7 @@ impl Tiles for Avx2 {
     const MIN_ROWS: usize = 48;
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32) {
+    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, slots: *mut f32, join: Join) {
         const R: usize = Avx2::ROWS;
         let mut a = [[_mm256_setzero_ps(); 2]; R];
         for c in 0..groups {
@@ -83,9 +85,17 @@ impl Tiles for Avx2 {
                 a[i][1] = _mm256_fmadd_ps(w1, xb, a[i][1]);
             }
         }
+        for level in 0..join.joins {
+            let s = slots.add(level * R * 16);
+            for i in 0..R {
+                a[i][0] = _mm256_add_ps(a[i][0], _mm256_loadu_ps(s.add(i * 16)));
+                a[i][1] = _mm256_add_ps(a[i][1], _mm256_loadu_ps(s.add(i * 16 + 8)));
+            }
+        }
+        let d = slots.add(join.store * R * 16);
         for i in 0..R {
-            _mm256_storeu_ps(acc.add(i * 16), a[i][0]);
-            _mm256_storeu_ps(acc.add(i * 16 + 8), a[i][1]);
+            _mm256_storeu_ps(d.add(i * 16), a[i][0]);
+            _mm256_storeu_ps(d.add(i * 16 + 8), a[i][1]);
         }
     }
 }
@@ -107,7 +117,7 @@ impl Tiles for Avx512 {
     const MIN_ROWS: usize = 24;
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, acc: *mut f32) {
+    unsafe fn pass(x: *const f32, w: *const f32, groups: usize, slots: *mut f32, join: Join) {
         const R: usize = Avx512::ROWS;
         let mut a = [[_mm512_setzero_ps(); 2]; R];
         for c in 0..groups {
@@ -119,9 +129,17 @@ impl Tiles for Avx512 {
                 a[i][1] = _mm512_fmadd_ps(w1, xb, a[i][1]);
             }
         }
+        for level in 0..join.joins {
+            let s = slots.add(level * R * 32);
+            for i in 0..R {
+                a[i][0] = _mm512_add_ps(a[i][0], _mm512_loadu_ps(s.add(i * 32)));
+                a[i][1] = _mm512_add_ps(a[i][1], _mm512_loadu_ps(s.add(i * 32 + 16)));
+            }
+        }
+        let d = slots.add(join.store * R * 32);
         for i in 0..R {
-            _mm512_storeu_ps(acc.add(i * 32), a[i][0]);
-            _mm512_storeu_ps(acc.add(i * 32 + 16), a[i][1]);
+            _mm512_storeu_ps(d.add(i * 32), a[i][0]);
+            _mm512_storeu_ps(d.add(i * 32 + 16), a[i][1]);
         }
     }
 }
@@ -255,22 +273,40 @@ impl Tree {
         p.reverse_bits() >> (usize::BITS as usize - self.depth)
     }
 
-    /// Adds pass `p`'s sums (`acc`) into the tree kept in `slots` (`depth`
-    /// slots of `acc.len()`); after the last pass slot 0 holds the root.
-    #[inline(always)]
+    /// How pass `p`'s sums join the tree: they take in the partial sums of
+    /// the levels below its trailing ones (the finished subtrees to its
+    /// left), then wait at the next level (the root, after the last pass,
+    /// at level 0).
+    fn join(&self, p: usize) -> Join {
+        let joins = p.trailing_ones() as usize;
+        Join {
+            joins,
+            store: joins % self.depth,
+        }
+    }
+
+    /// [`Tree::join`] on plain values: adds pass `p`'s sums (`acc`) into the
+    /// tree kept in `slots` (`depth` slots of `acc.len()`), as a pass does
+    /// in registers.
+    #[cfg(test)]
     fn push(&self, p: usize, acc: &mut [f32], slots: &mut [f32]) {
         let len = acc.len();
-        let mut level = 0;
-        while p >> level & 1 == 1 {
-            // IEEE addition commutes: the operands' order cannot matter.
+        let join = self.join(p);
+        for level in 0..join.joins {
             for (a, s) in acc.iter_mut().zip(&slots[level * len..(level + 1) * len]) {
                 *a += *s;
             }
-            level += 1;
         }
-        let level = level % self.depth;
-        slots[level * len..(level + 1) * len].copy_from_slice(acc);
+        slots[join.store * len..(join.store + 1) * len].copy_from_slice(acc);
     }
+}
+
+/// Where a pass's sums go in its tile's [`Tree`]: levels `0..joins` are
+/// added in, the result stored at level `store`.
+#[derive(Clone, Copy)]
+pub(super) struct Join {
+    joins: usize,
+    store: usize,
 }
 
 /// Columns `j0..j0 + cols` of rows `m0..m1`: every tile's passes over the
@@ -298,20 +334,20 @@ unsafe fn strip_product<T: Tiles>(
     let tile = T::ROWS * s;
     let tree = Tree::new(T::L);
     let per_tile = tree.depth * tile;
-    // The tiles' partial sums, then one pass's.
+    // The tiles' partial sums.
     sums.clear();
-    sums.resize(tiles * per_tile + tile, 0.0);
-    let (slots, acc) = sums.split_at_mut(tiles * per_tile);
+    sums.resize(tiles * per_tile, 0.0);
+    let slots = sums.as_mut_ptr();
     let (xp, wp) = (panel.as_ptr(), strip.as_ptr());
     for p in 0..T::L {
-        let l = tree.lane(p);
+        let (l, join) = (tree.lane(p), tree.join(p));
         let w = wp.add(l * groups * s);
         for t in 0..tiles {
             let x = xp.add((l * tiles + t) * groups * T::ROWS);
-            T::pass(x, w, groups, acc.as_mut_ptr());
-            tree.push(p, acc, &mut slots[t * per_tile..(t + 1) * per_tile]);
+            T::pass(x, w, groups, slots.add(t * per_tile), join);
         }
     }
+    let slots = &sums[..];
     for t in 0..tiles {
         let root = &slots[t * per_tile..t * per_tile + tile];
         let i0 = m0 + t * T::ROWS;
