@@ -31,8 +31,8 @@ fn kernels() -> Vec<Simd> {
 
 /// Shapes of every class: 1..64 rows and more, `k` and `n` off every
 /// tile and chunk size (16 lanes, 4 x 6 and 4 x 3 tiles, 48-column chunks;
-/// the outer-product tiles, 6 x 16 on AVX2 from 48 rows and 12 x 32 on
-/// AVX-512 from 20, with `k` under a group of lanes, half-empty strips,
+/// the outer-product tiles, 6 x 16 on AVX2 from 48 rows and 8 x 48 on
+/// AVX-512 from 24, with `k` under a group of lanes, half-empty strips,
 /// padded rows (`k` = 1024) and two activation panels).
 const SHAPES: [(usize, usize, usize); 15] = [
     (1, 7, 5),
