@@ -8,9 +8,9 @@
 use super::{weight_at, Tile, TileSums, MAX_TILE_COLS, MAX_TILE_ROWS};
 use std::arch::x86_64::*;
 
-/// How far ahead in each weight row the kernels prefetch (bytes): a few
-/// cache lines, so the weight streams keep the memory bus busy when a
-/// decode step's few rows leave the kernel waiting on memory.
+/// How far ahead in each weight row the kernels prefetch into L1 (bytes):
+/// a few cache lines. (From memory, the next chunk's weights come into L2
+/// ahead of time by [`Tile::prefetch`].)
 const PREFETCH_AHEAD: usize = 512;
 
 /// Prefetches into L2 the cache lines of `region` that start in bytes
@@ -62,6 +62,7 @@ unsafe fn fold8(s8: __m256) -> f32 {
 /// The tail of the reduction, fused onto each folded sum: the last `k %
 /// L` products (from `full`), in order.
 #[inline(never)]
+#[target_feature(enable = "fma")]
 unsafe fn tails(t: &Tile, sums: &mut TileSums, rows: usize, cols: usize, full: usize) {
     if full == t.k {
         return;
