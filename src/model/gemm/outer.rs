@@ -252,6 +252,17 @@ fn pack_panel<T: Tiles>(rows: Rows, m0: usize, m1: usize, k: usize, buf: &mut Ve
     if per_pass == 0 {
         return;
     }
+    if T::ROWS == 8 {
+        // Tiles of 8 rows: 8 x 8 blocks transposed in registers, a task a
+        // tile (each writes its own tile's values of every pass).
+        let dst = OutPtr(buf.as_mut_ptr());
+        (0..tiles).into_par_iter().for_each(|t| {
+            // SAFETY: the CPU has AVX2 (this path runs on AVX2 and up); the
+            // rows hold `k` values; tile `t`'s values are this task's alone.
+            unsafe { pack_tile8::<T>(rows, m0 + t * 8, m1, (groups, tiles, t), dst) }
+        });
+        return;
+    }
     // One pass per task: the other cores would wait otherwise.
     buf.par_chunks_mut(per_pass)
         .enumerate()
@@ -267,6 +278,36 @@ fn pack_panel<T: Tiles>(rows: Rows, m0: usize, m1: usize, k: usize, buf: &mut Ve
                 }
             }
         });
+}
+
+/// [`pack_panel`]'s values of the tile of 8 rows from `i0`.
+///
+/// # Safety
+/// The CPU has AVX2; `rows` hold `groups * L` values or more; `dst` is the
+/// panel buffer of `tiles` tiles, tile `t`'s part written by no one else.
+#[target_feature(enable = "avx2")]
+unsafe fn pack_tile8<T: Tiles>(
+    rows: Rows,
+    i0: usize,
+    m1: usize,
+    (groups, tiles, t): (usize, usize, usize),
+    dst: OutPtr,
+) {
+    let src: [*const f32; 8] = std::array::from_fn(|i| rows.row((i0 + i).min(m1 - 1)));
+    for c in 0..groups {
+        for l0 in (0..T::L).step_by(8) {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for i in 0..8 {
+                v[i] = _mm256_loadu_ps(src[i].add(c * T::L + l0));
+            }
+            // v[d] now holds x[i][Lc + l0 + d] of each row i.
+            transpose8(&mut v);
+            for d in 0..8 {
+                let at = ((l0 + d) * tiles + t) * groups * 8 + c * 8;
+                _mm256_storeu_ps(dst.0.add(at), v[d]);
+            }
+        }
+    }
 }
 
 /// The fixed tree over the passes' sums (`super::finish`: lanes `l` and
