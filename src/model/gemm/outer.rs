@@ -293,15 +293,10 @@ unsafe fn pack_tile8<T: Tiles>(
     (groups, tiles, t): (usize, usize, usize),
     dst: OutPtr,
 ) {
-    let src: [*const f32; 8] = std::array::from_fn(|i| rows.row((i0 + i).min(m1 - 1)));
+    let src: [*const u8; 8] = std::array::from_fn(|i| rows.row((i0 + i).min(m1 - 1)) as *const u8);
     for c in 0..groups {
         for l0 in (0..T::L).step_by(8) {
-            let mut v = [_mm256_setzero_ps(); 8];
-            for i in 0..8 {
-                v[i] = _mm256_loadu_ps(src[i].add(c * T::L + l0));
-            }
-            // v[d] now holds x[i][Lc + l0 + d] of each row i.
-            transpose8(&mut v);
+            let v = transposed_block(&src, 8, c * T::L + l0, false);
             for d in 0..8 {
                 let at = ((l0 + d) * tiles + t) * groups * 8 + c * 8;
                 _mm256_storeu_ps(dst.0.add(at), v[d]);
@@ -462,17 +457,7 @@ unsafe fn pack_strip<T: Tiles>(
         }
         for c in 0..groups {
             for l0 in (0..T::L).step_by(8) {
-                let at = c * T::L + l0;
-                let mut v = [_mm256_setzero_ps(); 8];
-                for j in 0..rows {
-                    v[j] = if w.is_bf16() {
-                        load8::<true>(src[j], at)
-                    } else {
-                        load8::<false>(src[j], at)
-                    };
-                }
-                // v[d] now holds w[j][Lc + l0 + d] of each row j.
-                transpose8(&mut v);
+                let v = transposed_block(&src, rows, c * T::L + l0, w.is_bf16());
                 for d in 0..8 {
                     _mm256_storeu_ps(dst.add(((l0 + d) * groups + c) * s + jb), v[d]);
                 }
@@ -488,6 +473,32 @@ unsafe fn pack_strip<T: Tiles>(
             }
         }
     }
+}
+
+/// Eight values from value `at` of rows `src[..rows]` (f32, or bf16
+/// widened), transposed: `v[d]` holds value `at + d` of each row, zero
+/// past `rows`. Both packers' blocks.
+///
+/// # Safety
+/// The CPU has AVX2; each of the first `rows` rows holds `at + 8` values.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transposed_block(
+    src: &[*const u8; 8],
+    rows: usize,
+    at: usize,
+    bf16: bool,
+) -> [__m256; 8] {
+    let mut v = [_mm256_setzero_ps(); 8];
+    for j in 0..rows {
+        v[j] = if bf16 {
+            load8::<true>(src[j], at)
+        } else {
+            load8::<false>(src[j], at)
+        };
+    }
+    transpose8(&mut v);
+    v
 }
 
 /// Transposes an 8 x 8 block held as eight rows.
