@@ -249,6 +249,26 @@ impl Raw {
     }
 }
 
+impl Raw {
+    /// Reads until what has arrived so far contains `needle` (or `bound`
+    /// passes), and returns all of it: for answers that stream.
+    pub fn read_until(&mut self, needle: &[u8], got: &mut Vec<u8>, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        let mut buf = [0u8; 8192];
+        while !got.windows(needle.len()).any(|w| w == needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{needle:?} not received within {bound:?}");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("connection closed: {}", String::from_utf8_lossy(got)),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("{needle:?} not received within {bound:?} ({e})"),
+            }
+        }
+    }
+}
+
 /// Where the body of a complete `Content-Length` response lies.
 fn complete_response(got: &[u8]) -> Option<(usize, usize)> {
     let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
