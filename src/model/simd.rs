@@ -37,6 +37,26 @@ fn detected() -> Simd {
     Simd::Baseline
 }
 
+/// Whether the CPU is AMD's (`AuthenticAMD`): a few memory-access choices
+/// were measured to differ between AMD and Intel cores.
+pub fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMD.get_or_init(|| {
+            // CPUID leaf 0 (the vendor) exists on every x86-64 CPU.
+            let id = std::arch::x86_64::__cpuid(0);
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect();
+            vendor == b"AuthenticAMD"
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The best instruction set the CPU has, within the cap.
 pub fn simd() -> Simd {
     let cap = match CAP.load(Ordering::Relaxed) {
