@@ -13,14 +13,34 @@ use std::arch::x86_64::*;
 /// ahead of time by [`Tile::prefetch`].)
 const PREFETCH_AHEAD: usize = 512;
 
-/// Prefetches into L2 the cache lines of `region` that start in bytes
-/// `from..to` ([`Tile::prefetch`]).
-#[inline(always)]
-unsafe fn prefetch_l2(region: *const u8, from: usize, to: usize) {
-    let mut at = from.next_multiple_of(64);
-    while at < to {
-        _mm_prefetch::<_MM_HINT_T1>(region.wrapping_add(at) as *const i8);
-        at += 64;
+/// A tile's walk over its share of [`Tile::prefetch`]: the same number of
+/// L2 prefetches every step (lines `64 i` past the step's first byte), so
+/// the loop over them is predicted; one whose count changed from step to
+/// step (0 or 1 lines) cost a branch miss every few steps. Every line of
+/// the share is asked for at least once.
+struct L2Ahead {
+    at: *const u8,
+    per_step: usize,
+    lines: usize,
+}
+
+impl L2Ahead {
+    fn new((region, per_step): (*const u8, usize)) -> L2Ahead {
+        L2Ahead {
+            at: region,
+            per_step,
+            lines: per_step.div_ceil(64),
+        }
+    }
+
+    /// The next step's prefetches (hints: the addresses may lie past the
+    /// matrix, where nothing is read).
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        for i in 0..self.lines {
+            _mm_prefetch::<_MM_HINT_T1>(self.at.wrapping_add(64 * i) as *const i8);
+        }
+        self.at = self.at.wrapping_add(self.per_step);
     }
 }
 
@@ -84,10 +104,10 @@ unsafe fn avx512<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSum
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
     let full = t.k / 16 * 16;
     let esize = if BF16 { 2 } else { 4 };
-    let (pf, per_step) = t.prefetch;
+    let mut ahead = L2Ahead::new(t.prefetch);
     let mut c = 0;
     while c < full {
-        prefetch_l2(pf, c / 16 * per_step, (c / 16 + 1) * per_step);
+        ahead.step();
         let mut xv = [_mm512_setzero_ps(); MR];
         for i in 0..MR {
             xv[i] = _mm512_loadu_ps(t.x[i].add(c));
@@ -123,10 +143,10 @@ unsafe fn avx2<const MR: usize, const BF16: bool>(t: &Tile, sums: &mut TileSums)
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     let full = t.k / 8 * 8;
     let esize = if BF16 { 2 } else { 4 };
-    let (pf, per_step) = t.prefetch;
+    let mut ahead = L2Ahead::new(t.prefetch);
     let mut c = 0;
     while c < full {
-        prefetch_l2(pf, c / 8 * per_step, (c / 8 + 1) * per_step);
+        ahead.step();
         let mut wv = [_mm256_setzero_ps(); NR];
         for r in 0..NR {
             // A cache line of f32 holds 16 values: prefetch every other step.
