@@ -205,11 +205,11 @@ pub(crate) fn matmul_t_with(
         // and FMA with it; the sizes were checked above and `out` is ours
         // alone. (They pack the rows themselves: no padding needed.)
         match isa {
-            Simd::Avx512 if m >= outer::Avx512::MIN_ROWS => {
+            Simd::Avx512 if outer::takes::<outer::Avx512>(m, w) => {
                 unsafe { outer::matmul_t::<outer::Avx512>(x, m, k, w, n, out_ptr) };
                 return;
             }
-            Simd::Avx2 if m >= outer::Avx2::MIN_ROWS => {
+            Simd::Avx2 if outer::takes::<outer::Avx2>(m, w) => {
                 unsafe { outer::matmul_t::<outer::Avx2>(x, m, k, w, n, out_ptr) };
                 return;
             }

@@ -20,7 +20,8 @@
 //! strip (`STRIP x k/L` values) then stays in L1 while every tile of the
 //! panel goes by, reading that pass's activations as one stream. Packing
 //! the strip costs about what a few dozen rows of multiply-adds do, so this
-//! path takes products from [`Tiles::MIN_ROWS`] rows on; fewer rows go to
+//! path takes products from [`Tiles::MIN_ROWS`] rows on ([`Tiles::MIN_ROWS_BF16`]
+//! with bf16 weights); fewer rows go to
 //! the dot tiles.
 
 // Register tiles are indexed by row and column on purpose.
@@ -42,8 +43,11 @@ pub(super) trait Tiles {
     /// Activation rows per register tile.
     const ROWS: usize;
     /// Activation rows from which a product runs here rather than in the
-    /// dot tiles (measured: see each implementation).
+    /// dot tiles, f32 weights (measured: see each implementation).
     const MIN_ROWS: usize;
+    /// The same for bf16 weights, which the dot tiles widen once per row
+    /// group and the strips once per call.
+    const MIN_ROWS_BF16: usize;
 
     /// One pass: the chain over `c` in `0..groups` of one lane for the
     /// tile, from packed activations `x` (`ROWS` per `c`) and weights `w`
@@ -71,6 +75,11 @@ impl Tiles for Avx2 {
     /// level at 24 and 32; this was 1.08-1.3x faster at 48-96 rows and
     /// 1.25-1.5x at 256-2,048, f32 and bf16 weights alike.
     const MIN_ROWS: usize = 48;
+    /// The same measure, in one process with the two paths alternating
+    /// product by product (12 rounds, the median ratio), three runs: with
+    /// bf16 weights this was 0.93-1.11x the dot tiles at 24 rows, 1.03-1.07x
+    /// at 32, 1.10-1.19x at 40 (f32 weights: 0.95x at 32, 0.93x at 40).
+    const MIN_ROWS_BF16: usize = 32;
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pass(x: *const f32, w: *const f32, groups: usize, slots: *mut f32, join: Join) {
@@ -116,6 +125,8 @@ impl Tiles for Avx512 {
     /// level at 24; this (8 x 48, 1.03-1.2x faster than 12 x 32 at 32-1,024
     /// rows there) was 1.2x faster at 32 rows and 1.5x at 64.
     const MIN_ROWS: usize = 24;
+    /// Not measured apart from f32.
+    const MIN_ROWS_BF16: usize = 24;
 
     unsafe fn pass(x: *const f32, w: *const f32, groups: usize, slots: *mut f32, join: Join) {
         avx512_pass::<{ Avx512::ROWS }, { Avx512::STRIP / 16 }>(x, w, groups, slots, join)
@@ -173,6 +184,15 @@ thread_local! {
     /// Each worker's packed strip and its tiles' partial sums, reused task
     /// to task.
     static STRIP_BUF: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Whether a product of `m` rows runs here on `T` (see [`Tiles::MIN_ROWS`]).
+pub(super) fn takes<T: Tiles>(m: usize, w: Weights<'_>) -> bool {
+    m >= if w.is_bf16() {
+        T::MIN_ROWS_BF16
+    } else {
+        T::MIN_ROWS
+    }
 }
 
 /// Activation rows, shared with the strip tasks (read only).
