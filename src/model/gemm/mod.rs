@@ -200,7 +200,6 @@ pub(crate) fn matmul_t_with(
     let out_ptr = OutPtr(out.as_mut_ptr() as *mut f32);
     #[cfg(target_arch = "x86_64")]
     {
-        use outer::Tiles;
         // SAFETY (both): the CPU has `isa` (at most what it has), and AVX2
         // and FMA with it; the sizes were checked above and `out` is ours
         // alone. (They pack the rows themselves: no padding needed.)
