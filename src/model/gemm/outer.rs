@@ -20,9 +20,9 @@
 //! strip (`STRIP x k/L` values) then stays in L1 while every tile of the
 //! panel goes by, reading that pass's activations as one stream. Packing
 //! the strip costs about what a few dozen rows of multiply-adds do, so this
-//! path takes products from [`Tiles::MIN_ROWS`] rows on ([`Tiles::MIN_ROWS_BF16`]
-//! with bf16 weights); fewer rows go to
-//! the dot tiles.
+//! path takes products from [`Tiles::MIN_ROWS`] rows on
+//! ([`Tiles::MIN_ROWS_BF16`] with bf16 weights); fewer rows go to the dot
+//! tiles.
 
 // Register tiles are indexed by row and column on purpose.
 #![allow(clippy::needless_range_loop)]
@@ -46,8 +46,9 @@ pub(super) trait Tiles {
     /// dot tiles, f32 weights (measured: see each implementation).
     const MIN_ROWS: usize;
     /// The same for bf16 weights, which the dot tiles widen once per row
-    /// group and the strips once per call.
-    const MIN_ROWS_BF16: usize;
+    /// group and the strips once per call (`MIN_ROWS` where not measured
+    /// apart).
+    const MIN_ROWS_BF16: usize = Self::MIN_ROWS;
 
     /// One pass: the chain over `c` in `0..groups` of one lane for the
     /// tile, from packed activations `x` (`ROWS` per `c`) and weights `w`
@@ -125,8 +126,6 @@ impl Tiles for Avx512 {
     /// level at 24; this (8 x 48, 1.03-1.2x faster than 12 x 32 at 32-1,024
     /// rows there) was 1.2x faster at 32 rows and 1.5x at 64.
     const MIN_ROWS: usize = 24;
-    /// Not measured apart from f32.
-    const MIN_ROWS_BF16: usize = 24;
 
     unsafe fn pass(x: *const f32, w: *const f32, groups: usize, slots: *mut f32, join: Join) {
         avx512_pass::<{ Avx512::ROWS }, { Avx512::STRIP / 16 }>(x, w, groups, slots, join)
