@@ -167,6 +167,12 @@ impl OutPtr {
     unsafe fn write(self, at: usize, value: f32) {
         *self.0.add(at) = value;
     }
+
+    /// # Safety
+    /// As for [`OutPtr::write`], for each of `values.len()` elements from `at`.
+    unsafe fn write_all(self, at: usize, values: &[f32]) {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len());
+    }
 }
 
 /// `out[i, j] = sum_k x[i, k] * w[j, k]` (row-major), with the fixed

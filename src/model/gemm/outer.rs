@@ -421,10 +421,19 @@ unsafe fn strip_product<T: Tiles>(
         }
     }
     let slots = &sums[..];
+    // A whole strip with no tail: each row's outputs are its root's values
+    // as they are, copied in vectors. (Stored one by one, to output lines
+    // not yet in cache, they left too few lines in flight: ~10% of a
+    // 2,048-row product's time on the AVX2 EPYC.)
+    let whole = cols == s && groups * T::L == k;
     for t in 0..tiles {
         let root = &slots[t * per_tile..t * per_tile + tile];
         let i0 = m0 + t * T::ROWS;
         for i in 0..T::ROWS.min(m1 - i0) {
+            if whole {
+                out.write_all((i0 + i) * n + j0, &root[i * s..(i + 1) * s]);
+                continue;
+            }
             let x = rows.row(i0 + i);
             for j in 0..cols {
                 // The tail, in order, as the dot tiles fuse it.
