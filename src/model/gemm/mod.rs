@@ -78,6 +78,15 @@ impl Weights<'_> {
     fn is_bf16(&self) -> bool {
         matches!(self, Weights::Bf16(_))
     }
+
+    /// Bytes of one weight value.
+    fn value_bytes(&self) -> usize {
+        if self.is_bf16() {
+            2
+        } else {
+            4
+        }
+    }
 }
 
 /// Most activation rows in one register tile (any kernel).
@@ -224,7 +233,7 @@ pub(crate) fn matmul_t_with(
     let (tile_rows, tile_cols) = tile_shape(isa);
     let (x, stride) = padded_rows(x, m, k);
     let x = &x;
-    let weight_bytes = if w.is_bf16() { 2 } else { 4 };
+    let weight_bytes = w.value_bytes();
     let (chunk_cols, panel_rows) = task_shape(k, weight_bytes, (tile_rows, tile_cols));
     let panels = m.div_ceil(panel_rows);
     // Chunk-major: consecutive tasks share their weight rows.

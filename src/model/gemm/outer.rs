@@ -235,7 +235,7 @@ pub(super) unsafe fn matmul_t<T: Tiles>(
         m,
     };
     let strips = n.div_ceil(T::STRIP);
-    let weight_bytes = if w.is_bf16() { 2 } else { 4 };
+    let weight_bytes = w.value_bytes();
     let panel_rows = (PANEL_BYTES / (4 * k.max(1)) / T::ROWS * T::ROWS).max(16 * T::ROWS);
     // Taken, not borrowed: while this thread waits for the strips below it
     // may run another product's task (a LoRA group's, say), which then
