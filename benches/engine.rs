@@ -8,7 +8,8 @@
 //!
 //! `cargo bench --bench engine` (set GYM_SERVE_BENCH_QUICK=1 for a short run,
 //! GYM_SERVE_BENCH_SEQS=8,32 for other concurrency levels,
-//! GYM_SERVE_BENCH_WEIGHTS=bf16 for one weight dtype, GYM_SERVE_BENCH_LONG=N
+//! GYM_SERVE_BENCH_WEIGHTS=bf16 for one weight dtype (`bf16-products`:
+//! bf16 weights with `--compute-dtype bf16`, where the CPU has it), GYM_SERVE_BENCH_LONG=N
 //! for the long prompt's length, 0 for none (the quick run's default),
 //! GYM_SERVE_BENCH_MEMORY_ONLY=1 to stop after the memory figures,
 //! GYM_SERVE_BENCH_MATMUL_ONLY=1 to stop after the matmul tables,
@@ -27,6 +28,8 @@ use gym_serve::engine::core::{EngineCore, GenerationJob, SchedulerConfig};
 use gym_serve::engine::{DistributionParams, EngineEvent, SamplingParams};
 use gym_serve::lora::LoraAdapter;
 use gym_serve::make_model::{config_json, random_weights, Preset};
+use gym_serve::model::gemm::bf16_products;
+use gym_serve::model::linear::set_bf16_products;
 use gym_serve::model::Model;
 use gym_serve::weights::ParamStore;
 use std::sync::Arc;
@@ -225,6 +228,8 @@ struct Throughput<'a> {
     model: &'a Model,
     weights_bytes: usize,
     weights: DType,
+    /// The weights column: the dtype, or `bf16-products`.
+    label: &'static str,
     flops_per_token: f64,
     /// The 2048^3 GEMM figure, GFLOP/s.
     peak: f64,
@@ -249,8 +254,8 @@ impl Throughput<'_> {
     fn run(&self, seqs: usize, prompt_len: usize, gen_len: usize, kv_dtype: DType) -> Measured {
         let m = self.run_with(seqs, prompt_len, gen_len, kv_dtype, &[]);
         eprintln!(
-            "{:?} weights, {} sequences x {prompt_len}: decode {:.1} tok/s, prefill {:.0} tok/s",
-            self.weights, seqs, m.decode, m.prefill
+            "{} weights, {} sequences x {prompt_len}: decode {:.1} tok/s, prefill {:.0} tok/s",
+            self.label, seqs, m.decode, m.prefill
         );
         m
     }
@@ -344,8 +349,8 @@ impl Measured {
         };
         let weights_mb = t.weights_bytes as f64 / (1 << 20) as f64;
         format!(
-            "| {:?} | {label} | {:.1} | {vs_single} | {:.0}% | {roofline:.0} ({:.0}%) | {:.0} | {:.0}% | {:.0} MiB / {:.0} MiB |",
-            t.weights,
+            "| {} | {label} | {:.1} | {vs_single} | {:.0}% | {roofline:.0} ({:.0}%) | {:.0} | {:.0}% | {:.0} MiB / {:.0} MiB |",
+            t.label,
             self.decode,
             frac * 100.0,
             self.decode / roofline * 100.0,
@@ -470,6 +475,11 @@ fn lora_only_main(cfg: &ModelConfig, gen_len: usize, quick: bool) {
         model: &model,
         weights_bytes: store.size_in_bytes(),
         weights,
+        label: if weights == DType::BF16 {
+            "BF16"
+        } else {
+            "F32"
+        },
         // Only the decode and prefill rates of the LoRA rows are printed.
         flops_per_token: f64::NAN,
         peak: f64::NAN,
@@ -550,12 +560,19 @@ fn main() {
         .unwrap_or_else(|| vec![1, 8, 32, 64]);
     // Weight matrices held as f32, then as bf16 (a bf16 checkpoint's own
     // values, widened in the kernels: the same arithmetic, half the bytes).
-    let weight_dtypes: Vec<DType> = std::env::var("GYM_SERVE_BENCH_WEIGHTS")
+    // And bf16 weights multiplied in bf16 (`--compute-dtype bf16`), asked
+    // for as `bf16-products`, where the CPU has the instructions.
+    let weight_dtypes: Vec<(DType, &'static str)> = std::env::var("GYM_SERVE_BENCH_WEIGHTS")
         .unwrap_or_else(|_| "f32,bf16".into())
         .split(',')
         .filter_map(|w| match w.trim() {
-            "f32" => Some(DType::F32),
-            "bf16" => Some(DType::BF16),
+            "f32" => Some((DType::F32, "F32")),
+            "bf16" => Some((DType::BF16, "BF16")),
+            "bf16-products" if bf16_products::supported() => Some((DType::BF16, "bf16-products")),
+            "bf16-products" => {
+                println!("bf16-products skipped: this CPU has no AVX512-BF16 or AMX-BF16");
+                None
+            }
             _ => None,
         })
         .collect();
@@ -568,10 +585,11 @@ fn main() {
     let mut rows = Vec::new();
     let mut lora_tables = Vec::new();
     let mut model = None;
-    for &weights in &weight_dtypes {
+    for &(weights, label) in &weight_dtypes {
         // The previous dtype's model goes first, so each row's peak RSS is
         // its own weights'.
         drop(model.take());
+        set_bf16_products(label == "bf16-products");
         let t = Instant::now();
         let tensors = random_weights(&cfg, 0).unwrap().into_iter().collect();
         let store =
@@ -586,12 +604,13 @@ fn main() {
             model: &built,
             weights_bytes: store.size_in_bytes(),
             weights,
+            label,
             flops_per_token: 2.0 * non_embedding as f64 + 2.0 * embed as f64,
             peak: peak_blas,
             bandwidth,
         };
         println!(
-            "\nmodel: {:.0}M parameters ({:.0}M non-embedding), {:.1} GFLOP per token, weights {weights:?} ({:.0} MiB); built in {:.1}s",
+            "\nmodel: {:.0}M parameters ({:.0}M non-embedding), {:.1} GFLOP per token, weights {label} ({:.0} MiB); built in {:.1}s",
             params as f64 / 1e6,
             non_embedding as f64 / 1e6,
             bench.flops_per_token / 1e9,
@@ -611,7 +630,7 @@ fn main() {
             runs.push((1, long_prompt, DType::F32));
         }
         let mut single = 0.0;
-        if lora_mode.is_some() && weights == weight_dtypes[0] {
+        if lora_mode.is_some() && weights == weight_dtypes[0].0 {
             lora_tables.extend(lora_rows(&bench, 32, gen_len, lora_rounds(quick)));
         }
         for (seqs, prompt_len, kv_dtype) in runs {

@@ -83,6 +83,16 @@ pub struct ServeArgs {
     /// weights convert into the dtype held.
     #[arg(long, default_value = "auto", env = "GYM_SERVE_WEIGHT_DTYPE")]
     pub weight_dtype: WeightDTypeArg,
+    /// What CPU projections multiply in. `f32` (the default): exact f32
+    /// arithmetic on the held weights. `bf16`: activations rounded to bf16
+    /// and multiplied with the CPU's BF16 dot products (AVX512-BF16; the
+    /// server refuses the mode on CPUs without them), as llama.cpp's BF16
+    /// path and bf16 trainers do: up to twice the multiply-adds per
+    /// instruction, log-probs within bf16 rounding of exact ones. Weight
+    /// matrices are then held as bf16 (an f32 checkpoint is rounded).
+    /// Results stay batch-invariant. GPUs compute in bf16 either way.
+    #[arg(long, default_value = "f32", env = "GYM_SERVE_COMPUTE_DTYPE")]
+    pub compute_dtype: ComputeDTypeArg,
     /// Prefill-sized CPU steps (65+ rows) run candle's blocked matmul
     /// instead of the engine's GEMM: faster prefill on some CPUs, but a
     /// position's log-probs then depend on how its prompt was split into
@@ -309,6 +319,14 @@ impl WeightDTypeArg {
             WeightDTypeArg::Bf16 => Some(candle_core::DType::BF16),
         }
     }
+}
+
+/// `--compute-dtype`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum ComputeDTypeArg {
+    #[default]
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

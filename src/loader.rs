@@ -50,15 +50,22 @@ pub fn held_matrix_dtype(
     } else {
         DType::F32
     });
+    let computed = if crate::model::linear::bf16_products_on() {
+        "bf16 products (--compute-dtype bf16)"
+    } else {
+        "f32"
+    };
     match (stored, held) {
         (Some(DType::BF16), DType::BF16) => {
             tracing::info!(
-                "weight matrices held as bf16 (as the checkpoint stores them), computed in f32"
+                computed,
+                "weight matrices held as bf16 (as the checkpoint stores them)"
             )
         }
         (_, DType::BF16) => tracing::info!(
             checkpoint = ?stored,
-            "weight matrices rounded to bf16 (--weight-dtype bf16), computed in f32"
+            computed,
+            "weight matrices rounded to bf16 (--weight-dtype bf16 or --compute-dtype bf16)"
         ),
         _ => tracing::info!(checkpoint = ?stored, "weight matrices held as f32"),
     }

@@ -6,7 +6,7 @@ use crate::api::admission::MemoryBudget;
 use crate::api::limits::{seconds, RequestLimits};
 use crate::api::types::SamplingDefaults;
 use crate::api::{router, AppState};
-use crate::cli::ServeArgs;
+use crate::cli::{ComputeDTypeArg, ServeArgs, WeightDTypeArg};
 use crate::connections::{ConnectionOptions, OpenConnections};
 use crate::engine::refit::{Refitter, RefitterOptions};
 use crate::engine::{EngineHandle, EngineOptions, PauseMode};
@@ -44,7 +44,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.fast_nondeterministic {
         tracing::info!("--fast-nondeterministic: prefill steps use candle's matmul; results depend on batching");
     }
-    let matrices = args.weight_dtype.dtype();
+    let matrices = weight_matrix_dtype(&args, device.is_cpu())?;
     let loaded = tokio::task::spawn_blocking(move || {
         LoadedModel::load_holding(&dir, &device, dtype, matrices)
     })
@@ -158,6 +158,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         memory,
         lora,
         deterministic,
+        compute_dtype: if engine_on_cpu && args.compute_dtype == ComputeDTypeArg::F32 {
+            "f32"
+        } else {
+            "bf16"
+        },
     });
     for m in &args.lora.lora_modules {
         crate::api::lora::load_adapter(&state, &m.name, m.path.clone())
@@ -189,6 +194,39 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The dtype weight matrices are held in (`None`: the checkpoint's own),
+/// after `--compute-dtype bf16` is checked and switched on: it multiplies
+/// bf16 weights, so they are held as bf16 (an f32 checkpoint rounded).
+fn weight_matrix_dtype(
+    args: &ServeArgs,
+    on_cpu: bool,
+) -> anyhow::Result<Option<candle_core::DType>> {
+    if args.compute_dtype == ComputeDTypeArg::F32 || !on_cpu {
+        if !on_cpu && args.compute_dtype == ComputeDTypeArg::Bf16 {
+            tracing::info!("--compute-dtype bf16: the GPU computes in bf16 already");
+        }
+        return Ok(args.weight_dtype.dtype());
+    }
+    if !crate::model::gemm::bf16_products::supported() {
+        anyhow::bail!(
+            "--compute-dtype bf16 needs a CPU with AVX512-BF16 dot products, which this one \
+             lacks (exact f32, the default, is faster here than emulating them)"
+        );
+    }
+    if args.weight_dtype == WeightDTypeArg::F32 {
+        anyhow::bail!(
+            "--compute-dtype bf16 multiplies bf16 weights; drop --weight-dtype f32 \
+             (or use --compute-dtype f32 for exact arithmetic)"
+        );
+    }
+    crate::model::linear::set_bf16_products(true);
+    tracing::info!(
+        "--compute-dtype bf16: activations rounded to bf16 for every projection \
+         (BF16 dot products, f32 sums); weight matrices held as bf16"
+    );
+    Ok(Some(candle_core::DType::BF16))
 }
 
 async fn shutdown_signal() {

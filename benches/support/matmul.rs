@@ -2,13 +2,15 @@
 //! projections (the preset's real shapes) at several row counts, with the
 //! weights streamed from memory as in a real step, for f32 and bf16 weights
 //! and, when `GYM_SERVE_BENCH_BLAS=1` finds a system OpenBLAS, its sgemm on
-//! the same f32 weights. Kernels alternate within each row count, best of
+//! the same f32 weights; where the CPU has AVX512-BF16, also the bf16
+//! products of `--compute-dtype bf16` on the bf16 weights. Kernels alternate within each row count, best of
 //! three passes each, so drift hits all of them alike.
 
 use super::blas::blas;
 use candle_core::{DType, Device, Tensor};
 use gym_serve::config::ModelConfig;
-use gym_serve::model::linear::Linear;
+use gym_serve::model::gemm::bf16_products;
+use gym_serve::model::linear::{set_bf16_products, Linear};
 use std::time::Instant;
 
 /// `[out, in]` of every projection in one decoder layer.
@@ -64,11 +66,12 @@ pub fn table(cfg: &ModelConfig, rows: &[usize]) {
         .is_ok_and(|v| v == "1")
         .then(blas)
         .flatten();
+    let products = bf16_products::supported();
     println!(
-        "\n| rows @ {layers} layers' projections (weights from memory) | gym-serve GEMM f32 | gym-serve GEMM bf16 weights | {} | ours f32 / BLAS |",
+        "\n| rows @ {layers} layers' projections (weights from memory) | gym-serve GEMM f32 | gym-serve GEMM bf16 weights | bf16 products (--compute-dtype bf16) | {} | ours f32 / BLAS |",
         blas.map_or("OpenBLAS (GYM_SERVE_BENCH_BLAS=1)".to_string(), |b| b.name.clone())
     );
-    println!("| ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for &m in rows {
         let x = Tensor::randn(0f32, 1.0, (m, cfg.hidden_size), &Device::Cpu).unwrap();
         let xi = Tensor::randn(0f32, 1.0, (m, cfg.intermediate_size), &Device::Cpu).unwrap();
@@ -97,6 +100,12 @@ pub fn table(cfg: &ModelConfig, rows: &[usize]) {
         };
         let f32_s = ours(&w.ours_f32);
         let bf16_s = ours(&w.ours_bf16);
+        let products_s = products.then(|| {
+            set_bf16_products(true);
+            let s = ours(&w.ours_bf16);
+            set_bf16_products(false);
+            s
+        });
         let blas_s = blas.map(|b| {
             let xs: Vec<Vec<f32>> = [&x, &xi, &xq]
                 .iter()
@@ -121,8 +130,11 @@ pub fn table(cfg: &ModelConfig, rows: &[usize]) {
             Some(s) => (format!("{:.1}", g(s)), format!("{:.2}x", s / f32_s)),
             None => ("-".to_string(), "-".to_string()),
         };
+        let products_col = products_s.map_or("- (no AVX512-BF16)".to_string(), |s| {
+            format!("{:.1} GFLOP/s", g(s))
+        });
         println!(
-            "| {m} | {:.1} GFLOP/s | {:.1} GFLOP/s | {blas_col} | {ratio} |",
+            "| {m} | {:.1} GFLOP/s | {:.1} GFLOP/s | {products_col} | {blas_col} | {ratio} |",
             g(f32_s),
             g(bf16_s)
         );

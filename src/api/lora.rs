@@ -154,6 +154,7 @@ pub fn adapter_card<'a>(state: &'a AppState, a: &'a LoraAdapter) -> super::proto
         parent: Some(&state.served_model_name),
         weight_version: Some(&a.version),
         deterministic: state.deterministic,
+        compute_dtype: state.compute_dtype,
     }
 }
 

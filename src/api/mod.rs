@@ -67,6 +67,8 @@ pub struct AppState {
     /// Bitwise batch invariance: a request's results do not depend on the
     /// batch, cache hits, chunking or preemption (`/v1/models`).
     pub deterministic: bool,
+    /// What projections multiply in: `"f32"` (exact) or `"bf16"` (`/v1/models`).
+    pub compute_dtype: &'static str,
 }
 
 impl AppState {
@@ -184,6 +186,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
         parent: None,
         weight_version: None,
         deterministic: state.deterministic,
+        compute_dtype: state.compute_dtype,
     }];
     data.extend(adapters.iter().map(|a| lora::adapter_card(&state, a)));
     Json(protocol::ModelList {

@@ -3,14 +3,17 @@
 //! On the CPU, f32 activations against f32 or bf16 weights run our GEMM
 //! ([`super::gemm`]) for every number of tokens, so a row's result never
 //! depends on what else is in the step; elsewhere, candle's matmul.
-//! Keeping our own type lets that choice live in one place.
+//! Keeping our own type lets that choice live in one place. With
+//! `--compute-dtype bf16`, bf16 weights take bf16-rounded activations
+//! instead ([`gemm::bf16_products`]).
 
-use super::gemm::{self, Weights};
+use super::gemm::{self, bf16_products, Weights};
 use super::storage::contiguous;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static FAST_NONDETERMINISTIC: AtomicBool = AtomicBool::new(false);
+static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
 
 /// Steps of more than this many rows go to candle's matmul in the
 /// `--fast-nondeterministic` mode.
@@ -27,6 +30,20 @@ pub fn set_fast_nondeterministic(on: bool) {
 
 pub fn fast_nondeterministic() -> bool {
     FAST_NONDETERMINISTIC.load(Ordering::Relaxed)
+}
+
+/// `--compute-dtype bf16`, process-wide: CPU projections with bf16 weights
+/// round their activations to bf16 and multiply with the CPU's BF16 dot
+/// products ([`bf16_products`]); still one fixed reduction per output, so
+/// results stay batch-invariant, but they are no longer those of exact f32
+/// arithmetic. Off (exact f32) by default; callers check
+/// [`bf16_products::supported`] first.
+pub fn set_bf16_products(on: bool) {
+    BF16_PRODUCTS.store(on, Ordering::Relaxed);
+}
+
+pub fn bf16_products_on() -> bool {
+    BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
 #[derive(Debug, Clone)]
@@ -50,8 +67,9 @@ impl Linear {
         let rows = x.dims().first().copied().unwrap_or(0);
         let fast = fast_nondeterministic() && rows >= FAST_MODE_MIN_ROWS;
         let y = if ours && !fast {
+            let bf16_products = bf16_products_on() && self.weight.dtype() == DType::BF16;
             x.contiguous()?
-                .apply_op2_no_bwd(&self.weight, &CpuMatmulTransposed)?
+                .apply_op2_no_bwd(&self.weight, &CpuMatmulTransposed { bf16_products })?
         } else {
             x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
         };
@@ -63,8 +81,10 @@ impl Linear {
 }
 
 /// `x @ w^T` for row-major f32 `x: [m, k]` and f32 or bf16 `w: [n, k]` on
-/// the CPU.
-struct CpuMatmulTransposed;
+/// the CPU, exactly or (bf16 weights only) in bf16 products.
+struct CpuMatmulTransposed {
+    bf16_products: bool,
+}
 
 impl CustomOp2 for CpuMatmulTransposed {
     fn name(&self) -> &'static str {
@@ -89,7 +109,11 @@ impl CustomOp2 for CpuMatmulTransposed {
             _ => Weights::F32(contiguous(s2, l2, "weight")?),
         };
         let mut out = Vec::with_capacity(m * n);
-        gemm::matmul_t(x, m, k, w, n, &mut out.spare_capacity_mut()[..m * n]);
+        let dst = &mut out.spare_capacity_mut()[..m * n];
+        match w {
+            Weights::Bf16(w) if self.bf16_products => bf16_products::matmul_t(x, m, k, w, n, dst),
+            _ => gemm::matmul_t(x, m, k, w, n, dst),
+        }
         // SAFETY: matmul_t wrote all m * n values.
         unsafe { out.set_len(m * n) };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))

@@ -178,6 +178,9 @@ pub struct ModelCard<'a> {
     pub weight_version: Option<&'a str>,
     /// Whether results are bitwise batch-invariant (true on CPU).
     pub deterministic: bool,
+    /// `"f32"` (exact CPU arithmetic) or `"bf16"` (`--compute-dtype bf16`,
+    /// and GPUs).
+    pub compute_dtype: &'static str,
 }
 
 /// `POST /tokenize`.

@@ -39,6 +39,9 @@
 //! with the same reduction.
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+pub mod bf16_products;
+#[cfg(target_arch = "x86_64")]
 mod outer;
 mod portable;
 #[cfg(test)]
@@ -230,9 +233,38 @@ pub(crate) fn matmul_t_with(
             _ => {}
         }
     }
-    let (tile_rows, tile_cols) = tile_shape(isa);
     let (x, stride) = padded_rows(x, m, k);
-    let x = &x;
+    let kernel = DotKernel {
+        shape: tile_shape(isa),
+        steps: k / lanes(isa),
+        // SAFETY: (the caller's) `isa` is one this CPU has.
+        run: &|t: &Tile, sums: &mut TileSums| unsafe { run_tile(isa, t, sums) },
+    };
+    dot_tasks(&kernel, (&x, stride), m, k, w, n, out_ptr);
+}
+
+/// A dot-product register tile and how [`dot_tasks`] paces it.
+struct DotKernel<'a> {
+    /// (activation rows, weight rows) of a tile.
+    shape: (usize, usize),
+    /// The tile's steps over `k` (the L2 prefetch is spread over them).
+    steps: usize,
+    /// Runs one tile: a kernel the CPU has, over pointers [`Tile`] describes.
+    run: &'a (dyn Fn(&Tile, &mut TileSums) + Sync),
+}
+
+/// `out = x @ w^T` by `kernel`'s dot-product tiles, `x`'s rows `stride`
+/// 4-byte units apart (f32 values, or bf16 pairs for [`bf16_products`]).
+fn dot_tasks(
+    kernel: &DotKernel<'_>,
+    (x, stride): (&[f32], usize),
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    out_ptr: OutPtr,
+) {
+    let (tile_rows, tile_cols) = kernel.shape;
     let weight_bytes = w.value_bytes();
     let (chunk_cols, panel_rows) = task_shape(k, weight_bytes, (tile_rows, tile_cols));
     let panels = m.div_ceil(panel_rows);
@@ -255,7 +287,7 @@ pub(crate) fn matmul_t_with(
             let tiles = (m1 - m0).div_ceil(tile_rows) * (n1 - n0).div_ceil(tile_cols);
             let share = chunk_bytes.div_ceil(tiles).next_multiple_of(64);
             let per_step = if m1 - m0 > tile_rows || prefetch_one_group() {
-                share.div_ceil((k / lanes(isa)).max(1))
+                share.div_ceil(kernel.steps.max(1))
             } else {
                 0
             };
@@ -277,10 +309,7 @@ pub(crate) fn matmul_t_with(
                         bf16: w.is_bf16(),
                         prefetch,
                     };
-                    // SAFETY: every pointer starts `k` readable values of its
-                    // kind; `isa` is one this CPU has (callers pass `simd()` or
-                    // less).
-                    unsafe { run_tile(isa, tile_rows, tile_cols, &tile, &mut sums) };
+                    (kernel.run)(&tile, &mut sums);
                     for (i, row) in sums.iter().enumerate().take(rows) {
                         for (r, &v) in row.iter().enumerate().take(cols) {
                             // SAFETY: i0 + i < m1 <= m, j0 + r < n1 <= n; this
@@ -323,18 +352,12 @@ fn padded_rows(x: &[f32], m: usize, k: usize) -> (std::borrow::Cow<'_, [f32]>, u
 ///
 /// # Safety
 /// As for [`Tile`]; the CPU has `isa`.
-unsafe fn run_tile(isa: Simd, tile_rows: usize, tile_cols: usize, t: &Tile, sums: &mut TileSums) {
+unsafe fn run_tile(isa: Simd, t: &Tile, sums: &mut TileSums) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => {
-            debug_assert_eq!((tile_rows, tile_cols), (4, 6));
-            x86::tile_avx512(t, sums)
-        }
+        Simd::Avx512 => x86::tile_avx512(t, sums),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => {
-            debug_assert_eq!((tile_rows, tile_cols), (4, 3));
-            x86::tile_avx2(t, sums)
-        }
+        Simd::Avx2 => x86::tile_avx2(t, sums),
         _ => portable::tile::<16>(t, sums),
     }
 }

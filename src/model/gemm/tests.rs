@@ -1,4 +1,5 @@
 use super::*;
+use half::bf16;
 
 /// Deterministic values in [-0.5, 0.5) with full 24-bit mantissas (other
 /// kernels' tests use them too).
@@ -35,7 +36,7 @@ fn kernels() -> Vec<Simd> {
 /// weights, so 40 rows compare the two paths) and 8 x 48 on
 /// AVX-512 from 24, with `k` under a group of lanes, half-empty strips,
 /// padded rows (`k` = 1024) and two activation panels).
-const SHAPES: [(usize, usize, usize); 16] = [
+const SHAPES: [(usize, usize, usize); 17] = [
     (1, 7, 5),
     (1, 1024, 53),
     (2, 37, 9),
@@ -46,6 +47,7 @@ const SHAPES: [(usize, usize, usize); 16] = [
     (31, 64, 25),
     (40, 1031, 35),
     (64, 129, 49),
+    (100, 160, 70),
     (65, 17, 11),
     (130, 6, 33),
     (140, 1024, 20),
@@ -175,4 +177,86 @@ fn reference(isa: Simd, x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize)
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn run_bf16(
+    kernel: bf16_products::Kernel,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+) -> Vec<f32> {
+    let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+    bf16_products::matmul_t_with(kernel, x, m, k, w, n, &mut out);
+    // SAFETY: as in `run`.
+    out.iter().map(|o| unsafe { o.assume_init() }).collect()
+}
+
+fn bf16_values(seed: u64, len: usize) -> Vec<bf16> {
+    values(seed, len).into_iter().map(bf16::from_f32).collect()
+}
+
+/// Every bf16-products kernel against an f64 sum of the rounded values:
+/// whatever order a kernel sums in, within a chain of `k` roundings.
+#[test]
+fn bf16_products_match_an_f64_reference_of_the_rounded_values() {
+    for kernel in bf16_products::kernels() {
+        for (s, &(m, k, n)) in SHAPES.iter().enumerate().filter(|(_, s)| s.0 < 2000) {
+            let x = values(21 + s as u64, m * k);
+            let w = bf16_values(22 + s as u64, n * k);
+            let out = run_bf16(kernel, &x, m, k, &w, n);
+            let bound = (k + 8) as f64 * f64::powi(2.0, -24);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut magnitude) = (0f64, 0f64);
+                    for kk in 0..k {
+                        let xr = bf16::from_f32(x[i * k + kk]).to_f64();
+                        let p = xr * w[j * k + kk].to_f64();
+                        exact += p;
+                        magnitude += p.abs();
+                    }
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound * magnitude,
+                        "{kernel:?} {m}x{k}x{n} [{i},{j}]: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// On every kernel, row `i` of an `m`-row product is the one-row product of
+/// row `i` (the AMX tiles with other rows or zeros beside it; the
+/// `vdpbf16ps` dot tiles below 24 rows, its outer tiles from there where
+/// `k` is even). And on the Intel cores it was checked on, `vdpbf16ps`
+/// gives the plain reduction's bits (the odd product first); elsewhere
+/// the two are held to the rounding bound of the test above.
+#[test]
+fn bf16_products_are_bit_identical_across_row_counts() {
+    use bf16_products::Kernel;
+    for kernel in bf16_products::kernels() {
+        for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let x = values(31 + s as u64, m * k);
+            let w = bf16_values(32 + s as u64, n * k);
+            let all = run_bf16(kernel, &x, m, k, &w, n);
+            for i in [0, m / 2, m - 1] {
+                let row = run_bf16(kernel, &x[i * k..(i + 1) * k], 1, k, &w, n);
+                let at = format!("{kernel:?} {m}x{k}x{n} row {i}");
+                assert_eq!(bits(&row), bits(&all[i * n..(i + 1) * n]), "{at}");
+                let rest = run_bf16(kernel, &x[i * k..], m - i, k, &w, n);
+                assert_eq!(bits(&rest), bits(&all[i * n..]), "{at}..");
+            }
+            let intel = !crate::model::simd::amd();
+            if kernel == Kernel::DotProducts && intel && m * n * k < 1 << 22 {
+                let plain = run_bf16(Kernel::Plain, &x, m, k, &w, n);
+                assert_eq!(
+                    bits(&all),
+                    bits(&plain),
+                    "{m}x{k}x{n}: instruction vs plain"
+                );
+            }
+        }
+    }
 }

@@ -209,3 +209,89 @@ pub(super) unsafe fn tile_avx2(t: &Tile, sums: &mut TileSums) {
         (_, true) => avx2::<4, true>(t, sums),
     }
 }
+
+/// A 4 x 6 tile of bf16 products (`super::bf16_products`): activation and weight
+/// rows both bf16, 32 values a step, one `vdpbf16ps` per output; lanes fold
+/// as in [`avx512`], the tail fused in order.
+#[target_feature(enable = "avx512f,avx512bf16,avx2,fma")]
+unsafe fn avx512_bf16<const MR: usize>(t: &Tile, sums: &mut TileSums) {
+    const NR: usize = 6;
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let full = t.k / super::bf16_products::BLOCK * super::bf16_products::BLOCK;
+    let mut ahead = L2Ahead::new(t.prefetch);
+    let mut c = 0;
+    while c < full {
+        ahead.step();
+        let mut xv = [_mm512_setzero_si512(); MR];
+        for i in 0..MR {
+            xv[i] = _mm512_loadu_si512((t.x[i] as *const u8).add(2 * c) as *const _);
+        }
+        for r in 0..NR {
+            _mm_prefetch::<_MM_HINT_T0>(t.w[r].wrapping_add(2 * c + PREFETCH_AHEAD) as *const i8);
+            let wv = _mm512_loadu_si512(t.w[r].add(2 * c) as *const _);
+            for i in 0..MR {
+                acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(wv), as_bh(xv[i]));
+            }
+        }
+        c += super::bf16_products::BLOCK;
+    }
+    for i in 0..MR {
+        for r in 0..NR {
+            let v = acc[i][r];
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            sums[i][r] = fold8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+        }
+    }
+    if full < t.k {
+        for i in 0..MR {
+            for r in 0..NR {
+                let mut s = sums[i][r];
+                for kk in full..t.k {
+                    s = weight_at(t.w[r], kk, true)
+                        .mul_add(weight_at(t.x[i] as *const u8, kk, true), s);
+                }
+                sums[i][r] = s;
+            }
+        }
+    }
+}
+
+/// 32 bf16 values as the BF16 instructions' operand type (the same bits).
+#[inline(always)]
+pub(super) unsafe fn as_bh(v: __m512i) -> __m512bh {
+    std::mem::transmute(v)
+}
+
+/// A 4 x 6 tile of bf16 products (fewer activation rows at the end).
+///
+/// # Safety
+/// As for [`Tile`], activation rows holding bf16 values; the CPU has
+/// AVX-512F and AVX512-BF16.
+pub(super) unsafe fn tile_avx512_bf16(t: &Tile, sums: &mut TileSums) {
+    match t.rows {
+        1 => avx512_bf16::<1>(t, sums),
+        2 => avx512_bf16::<2>(t, sums),
+        3 => avx512_bf16::<3>(t, sums),
+        _ => avx512_bf16::<4>(t, sums),
+    }
+}
+
+/// `dst[i] = bf16(src[i])`, to nearest even (`vcvtneps2bf16`, 16 at a time).
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    let n = src.len().min(dst.len());
+    let full = n / 16 * 16;
+    for at in (0..full).step_by(16) {
+        let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(at)));
+        _mm256_storeu_si256(
+            dst.as_mut_ptr().add(at) as *mut __m256i,
+            std::mem::transmute(v),
+        );
+    }
+    for at in full..n {
+        dst[at] = half::bf16::from_f32(src[at]);
+    }
+}
