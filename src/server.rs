@@ -223,8 +223,9 @@ fn weight_matrix_dtype(
     }
     crate::model::linear::set_bf16_products(true);
     tracing::info!(
-        "--compute-dtype bf16: activations rounded to bf16 for every projection \
-         (BF16 dot products, f32 sums); weight matrices held as bf16"
+        kernel = crate::model::gemm::bf16_products::kernel_name(),
+        "--compute-dtype bf16: activations rounded to bf16 for every projection, \
+         f32 sums; weight matrices held as bf16"
     );
     Ok(Some(candle_core::DType::BF16))
 }

@@ -84,11 +84,12 @@ GREEDY_TOKENS = 32
 
 
 class Server:
-    def __init__(self, binary, ckpt, log_path):
+    def __init__(self, binary, ckpt, log_path, extra=()):
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [binary, "--model", str(ckpt), "--host", "127.0.0.1", "--port", "0", "--served-model-name", "m"],
+            [binary, "--model", str(ckpt), "--host", "127.0.0.1", "--port", "0", "--served-model-name", "m",
+             *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.url = None
         deadline = time.time() + 600

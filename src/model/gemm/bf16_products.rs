@@ -65,6 +65,15 @@ pub fn supported() -> bool {
     best() != Kernel::Plain
 }
 
+/// What the mode runs on here, for the load log.
+pub fn kernel_name() -> &'static str {
+    match best() {
+        Kernel::Amx => "AMX tiles",
+        Kernel::DotProducts => "AVX512-BF16 dot products",
+        Kernel::Plain => "no BF16 instructions",
+    }
+}
+
 fn best() -> Kernel {
     kernels()[0]
 }
