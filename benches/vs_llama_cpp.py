@@ -47,6 +47,9 @@ Options and environment:
   LLAMA_CPP_PYTHON / --convert-python   Python for the conversion
   --work-dir                        checkpoint, GGUF files (cached) and raw outputs
                                     (default target/vs-llama-cpp)
+  --gym-weights f32,bf16,bf16-products (the engine bench's GYM_SERVE_BENCH_WEIGHTS;
+                                    bf16-products is --compute-dtype bf16, skipped on CPUs
+                                    without AVX512-BF16 or AMX-BF16)
   --rounds N (2), --threads N (nproc), --long N (4000; 0 for none),
   --llama-types f32,bf16,q8_0, --llama-args "..." (extra llama-batched-bench flags,
   e.g. "-ctk f32 -ctv f32" or "-fa off"), --quick (1 round, 8 and 32 sequences,
@@ -281,6 +284,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=None, help="long prompt length (4000; quick 0)")
     ap.add_argument("--llama-types", default="f32,bf16,q8_0")
     ap.add_argument("--llama-args", default="", help="extra llama-batched-bench flags")
+    ap.add_argument("--gym-weights", default="f32,bf16,bf16-products",
+                    help="engine bench weights (bf16-products: --compute-dtype bf16, where the CPU has it)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
 
@@ -359,6 +364,7 @@ def main() -> None:
         env = dict(os.environ)
         env["GYM_SERVE_BENCH_SEQS"] = ",".join(map(str, seqs))
         env["GYM_SERVE_BENCH_LONG"] = str(long_prompt)
+        env["GYM_SERVE_BENCH_WEIGHTS"] = args.gym_weights
         env["GYM_SERVE_BENCH_MATMUL_ROWS"] = "1"  # the matmul table is not compared here
         env.pop("GYM_SERVE_BENCH_QUICK", None)
         if args.quick:
@@ -389,10 +395,12 @@ def main() -> None:
         {"rounds": rounds, "loads": loads, "llama_args": extra, "threads": args.threads,
          "runs": {f"{k[0]} | {k[1]} | {k[2]}": v for k, v in results.items()}}, indent=1))
 
-    engines = ["gym-serve f32", "gym-serve bf16"] + [f"llama.cpp {GGUF_TYPES[t]}" for t in types]
+    ours = [e for e in ("gym-serve f32", "gym-serve bf16", "gym-serve bf16-products")
+            if any(k[0] == e for k in results)]
+    engines = ours + [f"llama.cpp {GGUF_TYPES[t]}" for t in types]
     ratios = [("gym-serve f32", "llama.cpp F32"), ("gym-serve bf16", "llama.cpp BF16"),
-              ("gym-serve f32", "llama.cpp BF16")]
-    ratios = [(a, b) for a, b in ratios if b in engines]
+              ("gym-serve f32", "llama.cpp BF16"), ("gym-serve bf16-products", "llama.cpp BF16")]
+    ratios = [(a, b) for a, b in ratios if a in engines and b in engines]
     row_keys = [(PROMPT, n) for n in seqs] + ([(long_prompt, 1)] if long_prompt else [])
 
     def cell(e, p, n, i):

@@ -40,7 +40,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Our CPU kernels reduce every row in a fixed order; candle's (GPU, and
     // CPU prefill in the fast mode) do not promise that.
     crate::model::linear::set_fast_nondeterministic(args.fast_nondeterministic);
-    let deterministic = device.is_cpu() && !args.fast_nondeterministic;
+    // (`--compute-dtype bf16` holds every matrix as bf16 and multiplies it on
+    // our kernels, fast mode or not.)
+    let deterministic = device.is_cpu()
+        && (!args.fast_nondeterministic || args.compute_dtype == ComputeDTypeArg::Bf16);
     if args.fast_nondeterministic {
         tracing::info!("--fast-nondeterministic: prefill steps use candle's matmul; results depend on batching");
     }

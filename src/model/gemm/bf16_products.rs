@@ -22,6 +22,9 @@
 //! (The instruction also treats subnormal inputs and results as zero; the
 //! plain reduction does not, which real activations and weights never meet.)
 
+// Tiles are indexed by row and column on purpose.
+#![allow(clippy::needless_range_loop)]
+
 use super::{dot_tasks, finish, padded_rows, weight_at, DotKernel, OutPtr, Tile, TileSums};
 use super::{Weights, MAX_TILE_COLS, MAX_TILE_ROWS};
 use half::bf16;

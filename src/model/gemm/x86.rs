@@ -288,7 +288,7 @@ pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [half::bf16]) {
         let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(at)));
         _mm256_storeu_si256(
             dst.as_mut_ptr().add(at) as *mut __m256i,
-            std::mem::transmute(v),
+            std::mem::transmute::<__m256bh, __m256i>(v),
         );
     }
     for at in full..n {
