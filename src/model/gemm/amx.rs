@@ -143,8 +143,12 @@ pub(super) unsafe fn matmul_t(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usi
     });
 }
 
-/// Outputs per task of [`few_rows`]: four tiles of weight rows.
-const FEW_ROWS_OUTPUTS: usize = 4 * TILE_ROWS;
+/// Outputs per task of [`few_rows`]: two tiles of weight rows. (With four,
+/// 64 rows streamed at once, more than the prefetchers follow: GEMM table,
+/// bf16 products, two runs each, 1 row 15-16 -> 19-20 GFLOP/s, 8 rows
+/// 125-136 -> 150-153, 16 rows 220-269 -> 283-297; one tile was level with
+/// two.)
+const FEW_ROWS_OUTPUTS: usize = 2 * TILE_ROWS;
 
 /// [`matmul_t`] for up to 16 rows (decode): the product transposed,
 /// `out^T = w x^T`, the weight rows read as they lie as A tiles and the few
@@ -219,35 +223,23 @@ unsafe fn few_rows_block(
     };
     let a_tile = TILE_ROWS * row_bytes;
     let b = packed.bytes();
-    // 64 outputs x 16 rows of sums, 64 bytes an output.
+    // 32 outputs x 16 rows of sums, 64 bytes an output.
     let mut sums = [0f32; FEW_ROWS_OUTPUTS * TILE_ROWS];
     let sp = sums.as_mut_ptr() as *mut u8;
     asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
+    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
     for c in 0..groups {
         let a = a0.add(c * 64);
         asm!(
             "tileloadd tmm7, [{b} + {sb}*1]",
             "tileloadd tmm4, [{a} + {sa}*1]",
             "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{a2} + {sa}*1]",
             "tdpbf16ps tmm0, tmm4, tmm7",
             "tdpbf16ps tmm1, tmm5, tmm7",
-            "tdpbf16ps tmm2, tmm6, tmm7",
-            "tileloadd tmm4, [{a3} + {sa}*1]",
-            "tdpbf16ps tmm3, tmm4, tmm7",
             b = in(reg) b.add(c * TILE_ROWS * 64),
             sb = in(reg) 64usize,
             a = in(reg) a,
             a1 = in(reg) a.add(a_tile),
-            a2 = in(reg) a.add(2 * a_tile),
-            a3 = in(reg) a.add(3 * a_tile),
             sa = in(reg) row_bytes,
             options(nostack, readonly)
         );
@@ -255,12 +247,8 @@ unsafe fn few_rows_block(
     asm!(
         "tilestored [{s} + {ss}*1], tmm0",
         "tilestored [{s1} + {ss}*1], tmm1",
-        "tilestored [{s2} + {ss}*1], tmm2",
-        "tilestored [{s3} + {ss}*1], tmm3",
         s = in(reg) sp,
         s1 = in(reg) sp.add(TILE_ROWS * 64),
-        s2 = in(reg) sp.add(2 * TILE_ROWS * 64),
-        s3 = in(reg) sp.add(3 * TILE_ROWS * 64),
         ss = in(reg) 64usize,
         options(nostack)
     );
