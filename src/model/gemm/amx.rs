@@ -124,7 +124,7 @@ impl Rows {
 /// one else touches during the call.
 pub(super) unsafe fn matmul_t(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: OutPtr) {
     debug_assert!(k.is_multiple_of(2) && x.len() >= m.next_multiple_of(TILE_ROWS) * k);
-    if m <= TILE_ROWS {
+    if m <= FEW_ROWS {
         return few_rows(x, m, k, w, n, out);
     }
     let rows = Rows(x.as_ptr());
@@ -150,34 +150,45 @@ pub(super) unsafe fn matmul_t(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usi
 /// two.)
 const FEW_ROWS_OUTPUTS: usize = 2 * TILE_ROWS;
 
-/// [`matmul_t`] for up to 16 rows (decode): the product transposed,
-/// `out^T = w x^T`, the weight rows read as they lie as A tiles and the few
-/// activation rows packed once as B tiles, so no weights are packed. The
-/// tile unit sums the same products in the same order either way round
-/// (checked bit for bit by the tests, which compare row counts across the
-/// two paths).
+/// Rows up to which [`matmul_t`] runs transposed ([`few_rows`]): decode
+/// steps, whose few rows cannot pay for packing every weight. GEMM table,
+/// bf16 products, two runs each: transposed 410 GFLOP/s at 32 rows (packed
+/// strips 334), 533-542 at 64 (484-496), 724-744 at 128 (618); at 256 the
+/// packed strips lead, 994-1026 against 890-910.
+pub(super) const FEW_ROWS: usize = 128;
+
+/// [`matmul_t`] for up to [`FEW_ROWS`] rows (decode): the product
+/// transposed, `out^T = w x^T`, the weight rows read as they lie as A tiles
+/// and the few activation rows packed once as B tiles, so no weights are
+/// packed. The tile unit sums the same products in the same order either
+/// way round (checked bit for bit by the tests, which compare row counts
+/// across the two paths).
 ///
 /// # Safety
-/// As for [`matmul_t`], with `m <= 16`.
+/// As for [`matmul_t`], with `m <= FEW_ROWS`.
 #[target_feature(enable = "avx2")]
 unsafe fn few_rows(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: OutPtr) {
     let groups = k / BLOCK;
     let tile = TILE_ROWS * 16;
-    // B tiles: for each block c, pairs 16c + l of the 16 rows.
-    let mut packed = vec![0u32; groups * tile];
-    let src: [*const u8; 8] = std::array::from_fn(|i| x.as_ptr().add(i * k) as *const u8);
-    let src_hi: [*const u8; 8] = std::array::from_fn(|i| x.as_ptr().add((8 + i) * k) as *const u8);
+    let blocks = m.div_ceil(TILE_ROWS);
+    // B tiles: for each block of 16 rows and each group c of values, pairs
+    // 16c + l of the block's rows.
+    let mut packed = vec![0u32; blocks * groups * tile];
     let dst = packed.as_mut_ptr();
-    for (half, rows) in [(0, &src), (8, &src_hi)] {
+    for half in (0..blocks * TILE_ROWS).step_by(8) {
         let live = m.saturating_sub(half).min(8);
         if live == 0 {
             continue;
         }
+        let rows: [*const u8; 8] =
+            std::array::from_fn(|i| x.as_ptr().add((half + i.min(live - 1)) * k) as *const u8);
+        let (block, at) = (half / TILE_ROWS, half % TILE_ROWS);
         for c in 0..groups {
             for l0 in (0..TILE_ROWS).step_by(8) {
-                let v = transposed_block(rows, live, c * TILE_ROWS + l0, false);
+                let v = transposed_block(&rows, live, c * TILE_ROWS + l0, false);
                 for d in 0..8 {
-                    _mm256_storeu_ps(dst.add(c * tile + (l0 + d) * 16 + half) as *mut f32, v[d]);
+                    let to = dst.add((block * groups + c) * tile + (l0 + d) * 16 + at);
+                    _mm256_storeu_ps(to as *mut f32, v[d]);
                 }
             }
         }
@@ -198,7 +209,8 @@ unsafe fn few_rows(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: Ou
         });
 }
 
-/// One task of [`few_rows`]: outputs `j0..j0 + cols` of every row.
+/// One task of [`few_rows`]: outputs `j0..j0 + cols` of every row, two
+/// blocks of 16 rows at a time (2 x 2 tiles of sums).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn few_rows_block(
     x: Rows,
@@ -221,50 +233,90 @@ unsafe fn few_rows_block(
     } else {
         w.bytes().add(j0 * row_bytes)
     };
-    let a_tile = TILE_ROWS * row_bytes;
-    let b = packed.bytes();
-    // 32 outputs x 16 rows of sums, 64 bytes an output.
-    let mut sums = [0f32; FEW_ROWS_OUTPUTS * TILE_ROWS];
+    let a1 = a0.add(TILE_ROWS * row_bytes);
+    let tile_bytes = TILE_ROWS * 64;
+    let blocks = m.div_ceil(TILE_ROWS);
+    // 32 outputs x 32 rows of sums, 128 bytes an output.
+    let mut sums = [0f32; FEW_ROWS_OUTPUTS * 2 * TILE_ROWS];
     let sp = sums.as_mut_ptr() as *mut u8;
     asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
-    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-    for c in 0..groups {
-        let a = a0.add(c * 64);
+    for b0 in (0..blocks).step_by(2) {
+        let two = b0 + 1 < blocks;
+        let b = packed.bytes().add(b0 * groups * tile_bytes);
+        let b1 = b.add(groups * tile_bytes);
         asm!(
-            "tileloadd tmm7, [{b} + {sb}*1]",
-            "tileloadd tmm4, [{a} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm7",
-            "tdpbf16ps tmm1, tmm5, tmm7",
-            b = in(reg) b.add(c * TILE_ROWS * 64),
-            sb = in(reg) 64usize,
-            a = in(reg) a,
-            a1 = in(reg) a.add(a_tile),
-            sa = in(reg) row_bytes,
-            options(nostack, readonly)
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
         );
-    }
-    asm!(
-        "tilestored [{s} + {ss}*1], tmm0",
-        "tilestored [{s1} + {ss}*1], tmm1",
-        s = in(reg) sp,
-        s1 = in(reg) sp.add(TILE_ROWS * 64),
-        ss = in(reg) 64usize,
-        options(nostack)
-    );
-    asm!("tilerelease", options(nostack, nomem));
-    drop(padded);
-    for i in 0..m {
-        let xr = x.bytes().add(i * row_bytes);
-        for j in 0..cols {
-            let mut v = sums[j * TILE_ROWS + i];
-            let wr = w.bytes().add((j0 + j) * row_bytes);
-            for kk in groups * BLOCK..k {
-                v = weight_at(wr, kk, true).mul_add(weight_at(xr, kk, true), v);
+        for c in 0..groups {
+            let (wa, wb) = (a0.add(c * 64), a1.add(c * 64));
+            let bt = b.add(c * tile_bytes);
+            if two {
+                asm!(
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm5, tmm6",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    b = in(reg) bt,
+                    b1 = in(reg) b1.add(c * tile_bytes),
+                    sb = in(reg) 64usize,
+                    a = in(reg) wa,
+                    a1 = in(reg) wb,
+                    sa = in(reg) row_bytes,
+                    options(nostack, readonly)
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm5, tmm6",
+                    b = in(reg) bt,
+                    sb = in(reg) 64usize,
+                    a = in(reg) wa,
+                    a1 = in(reg) wb,
+                    sa = in(reg) row_bytes,
+                    options(nostack, readonly)
+                );
             }
-            out.write(i * n + j0 + j, v);
+        }
+        // Output j's sums at j * 128 bytes: rows of the first block, then
+        // of the second.
+        asm!(
+            "tilestored [{s} + {ss}*1], tmm0",
+            "tilestored [{s1} + {ss}*1], tmm1",
+            "tilestored [{s2} + {ss}*1], tmm2",
+            "tilestored [{s3} + {ss}*1], tmm3",
+            s = in(reg) sp,
+            s1 = in(reg) sp.add(TILE_ROWS * 128),
+            s2 = in(reg) sp.add(64),
+            s3 = in(reg) sp.add(TILE_ROWS * 128 + 64),
+            ss = in(reg) 128usize,
+            options(nostack)
+        );
+        let r0 = b0 * TILE_ROWS;
+        for i in 0..(2 * TILE_ROWS).min(m - r0) {
+            let xr = x.bytes().add((r0 + i) * row_bytes);
+            for j in 0..cols {
+                let mut v = sums[j * 2 * TILE_ROWS + i];
+                let wr = w.bytes().add((j0 + j) * row_bytes);
+                for kk in groups * BLOCK..k {
+                    v = weight_at(wr, kk, true).mul_add(weight_at(xr, kk, true), v);
+                }
+                out.write((r0 + i) * n + j0 + j, v);
+            }
         }
     }
+    asm!("tilerelease", options(nostack, nomem));
+    drop(padded);
 }
 
 /// Weight rows `j0..j0 + cols` (zeros past them) as B tiles: for each block
