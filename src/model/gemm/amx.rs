@@ -243,65 +243,21 @@ unsafe fn few_rows_block(
     for b0 in (0..blocks).step_by(2) {
         let two = b0 + 1 < blocks;
         let b = packed.bytes().add(b0 * groups * tile_bytes);
-        let b1 = b.add(groups * tile_bytes);
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        // (Past the buffer when there is no second block: not read then.)
+        let b1 = b.wrapping_add(groups * tile_bytes);
+        zero_sums();
         for c in 0..groups {
-            let (wa, wb) = (a0.add(c * 64), a1.add(c * 64));
-            let bt = b.add(c * tile_bytes);
+            let weights = [a0.add(c * 64), a1.add(c * 64)];
+            let rows = [b.add(c * tile_bytes), b1.wrapping_add(c * tile_bytes)];
             if two {
-                asm!(
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm5, tmm6",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    b = in(reg) bt,
-                    b1 = in(reg) b1.add(c * tile_bytes),
-                    sb = in(reg) 64usize,
-                    a = in(reg) wa,
-                    a1 = in(reg) wb,
-                    sa = in(reg) row_bytes,
-                    options(nostack, readonly)
-                );
+                accumulate::<2, 2>(weights, row_bytes, rows, 64);
             } else {
-                asm!(
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm5, tmm6",
-                    b = in(reg) bt,
-                    sb = in(reg) 64usize,
-                    a = in(reg) wa,
-                    a1 = in(reg) wb,
-                    sa = in(reg) row_bytes,
-                    options(nostack, readonly)
-                );
+                accumulate::<2, 1>(weights, row_bytes, rows, 64);
             }
         }
         // Output j's sums at j * 128 bytes: rows of the first block, then
         // of the second.
-        asm!(
-            "tilestored [{s} + {ss}*1], tmm0",
-            "tilestored [{s1} + {ss}*1], tmm1",
-            "tilestored [{s2} + {ss}*1], tmm2",
-            "tilestored [{s3} + {ss}*1], tmm3",
-            s = in(reg) sp,
-            s1 = in(reg) sp.add(TILE_ROWS * 128),
-            s2 = in(reg) sp.add(64),
-            s3 = in(reg) sp.add(TILE_ROWS * 128 + 64),
-            ss = in(reg) 128usize,
-            options(nostack)
-        );
+        store_sums(sp, 128);
         let r0 = b0 * TILE_ROWS;
         for i in 0..(2 * TILE_ROWS).min(m - r0) {
             let xr = x.bytes().add((r0 + i) * row_bytes);
@@ -380,62 +336,22 @@ unsafe fn strip_product(
     for r0 in (0..m).step_by(2 * TILE_ROWS) {
         let a0 = rows.bytes().add(r0 * row_bytes);
         let two = r0 + TILE_ROWS < m;
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        zero_sums();
         for c in 0..groups {
             let a = a0.add(c * 64);
+            // (Past the rows when there is no second tile: not read then.)
+            let rows = [a, a.wrapping_add(TILE_ROWS * row_bytes)];
             let bt = b.add(c * 2 * tile_bytes);
+            let weights = [bt, bt.add(tile_bytes)];
             if two {
-                asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a = in(reg) a,
-                    a1 = in(reg) a.add(TILE_ROWS * row_bytes),
-                    sa = in(reg) row_bytes,
-                    b0 = in(reg) bt,
-                    b1 = in(reg) bt.add(tile_bytes),
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
+                accumulate::<2, 2>(rows, row_bytes, weights, 64);
             } else {
-                asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    a = in(reg) a,
-                    sa = in(reg) row_bytes,
-                    b0 = in(reg) bt,
-                    b1 = in(reg) bt.add(tile_bytes),
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
+                accumulate::<1, 2>(rows, row_bytes, weights, 64);
             }
         }
-        asm!(
-            "tilestored [{s} + {ss}*1], tmm0",
-            "tilestored [{s1} + {ss}*1], tmm1",
-            "tilestored [{s2} + {ss}*1], tmm2",
-            "tilestored [{s3} + {ss}*1], tmm3",
-            s = in(reg) sp,
-            s1 = in(reg) sp.add(64),
-            s2 = in(reg) sp.add(TILE_ROWS * 128),
-            s3 = in(reg) sp.add(TILE_ROWS * 128 + 64),
-            ss = in(reg) 128usize,
-            options(nostack)
-        );
+        // Row i's sums at i * 128 bytes: outputs of the first B tile, then
+        // of the second.
+        store_sums(sp, 128);
         for i in 0..(2 * TILE_ROWS).min(m - r0) {
             let x = rows.bytes().add((r0 + i) * row_bytes);
             let row = &mut sums[i * STRIP..(i + 1) * STRIP];
@@ -449,4 +365,93 @@ unsafe fn strip_product(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Clears the four tiles of sums, tmm0-3.
+#[inline(always)]
+unsafe fn zero_sums() {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+}
+
+/// Sums tile `2r + c` += A tile `r` x B tile `c`, for the first `RA` A
+/// tiles (at `a`, rows `sa` bytes apart) and `CB` B tiles (at `b`, `sb`
+/// apart), through tmm4-5 (A) and tmm6-7 (B).
+#[inline(always)]
+unsafe fn accumulate<const RA: usize, const CB: usize>(
+    a: [*const u8; 2],
+    sa: usize,
+    b: [*const u8; 2],
+    sb: usize,
+) {
+    const { assert!(matches!((RA, CB), (2, 2) | (2, 1) | (1, 2))) };
+    match (RA, CB) {
+        (2, 2) => asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a[0],
+            a1 = in(reg) a[1],
+            sa = in(reg) sa,
+            b0 = in(reg) b[0],
+            b1 = in(reg) b[1],
+            sb = in(reg) sb,
+            options(nostack, readonly)
+        ),
+        (2, 1) => asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            a0 = in(reg) a[0],
+            a1 = in(reg) a[1],
+            sa = in(reg) sa,
+            b0 = in(reg) b[0],
+            sb = in(reg) sb,
+            options(nostack, readonly)
+        ),
+        (1, 2) => asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            a0 = in(reg) a[0],
+            sa = in(reg) sa,
+            b0 = in(reg) b[0],
+            b1 = in(reg) b[1],
+            sb = in(reg) sb,
+            options(nostack, readonly)
+        ),
+        _ => {}
+    }
+}
+
+/// Stores the sums tiles as one block of 32 x 32 f32 rows `stride` bytes
+/// apart: tile `2r + c` at row `16r`, column `16c`.
+#[inline(always)]
+unsafe fn store_sums(at: *mut u8, stride: usize) {
+    asm!(
+        "tilestored [{s0} + {ss}*1], tmm0",
+        "tilestored [{s1} + {ss}*1], tmm1",
+        "tilestored [{s2} + {ss}*1], tmm2",
+        "tilestored [{s3} + {ss}*1], tmm3",
+        s0 = in(reg) at,
+        s1 = in(reg) at.add(64),
+        s2 = in(reg) at.add(TILE_ROWS * stride),
+        s3 = in(reg) at.add(TILE_ROWS * stride + 64),
+        ss = in(reg) stride,
+        options(nostack)
+    );
 }
