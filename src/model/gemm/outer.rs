@@ -162,6 +162,20 @@ unsafe fn avx512_pass<const R: usize, const V: usize>(
             }
         }
     }
+    join_and_store(a, slots, join);
+}
+
+/// The end of an AVX-512 pass: the tile's finished partial sums at levels
+/// `0..join.joins` added in, in order, then the result stored at level
+/// `join.store` ([`Tree`]). Inlined into each pass, so `a` stays in
+/// registers.
+#[inline(always)]
+unsafe fn join_and_store<const R: usize, const V: usize>(
+    mut a: [[__m512; V]; R],
+    slots: *mut f32,
+    join: Join,
+) {
+    let s = 16 * V;
     for level in 0..join.joins {
         let from = slots.add(level * R * s);
         for i in 0..R {
@@ -230,20 +244,7 @@ unsafe fn avx512_bf16_pass<const R: usize, const V: usize>(
             }
         }
     }
-    for level in 0..join.joins {
-        let from = slots.add(level * R * s);
-        for i in 0..R {
-            for v in 0..V {
-                a[i][v] = _mm512_add_ps(a[i][v], _mm512_loadu_ps(from.add(i * s + 16 * v)));
-            }
-        }
-    }
-    let d = slots.add(join.store * R * s);
-    for i in 0..R {
-        for v in 0..V {
-            _mm512_storeu_ps(d.add(i * s + 16 * v), a[i][v]);
-        }
-    }
+    join_and_store(a, slots, join);
 }
 
 /// A panel's packed activation rows take at most this many bytes (a pass
